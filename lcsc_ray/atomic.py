@@ -1,0 +1,52 @@
+"""Atomic file writes: write to a temporary file in the same folder, fsync, then rename over the target.
+
+A crash or SIGKILL therefore leaves either the old file or the complete new one, never a truncated file
+(results, exported checkpoints, statistics and training checkpoints all go through here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; on success it is fsynced and renamed onto `target`.
+
+    The temporary name keeps the target's suffix so writers that dispatch on it (np.savez, safetensors,
+    matplotlib) behave as for the real name.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call `write(tmp_path)` and move the result onto `target` atomically; return `target`."""
+    with atomic_path(target) as tmp:
+        write(tmp)
+    return Path(target)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `target` atomically."""
+    return atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(target: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as indented JSON to `target` atomically."""
+    return atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
