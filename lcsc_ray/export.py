@@ -1,0 +1,63 @@
+"""Export a merged checkpoint in the inputs' own format and layout, so the user's code loads it unchanged.
+
+Safetensors inputs give a safetensors file (with the newest input's metadata); `.pt`-style inputs give
+`torch.save` of the state dict under the same key nesting (e.g. `{"ema": state_dict}`; other entries of
+the original container, such as optimizer state, are not carried). A `checkpoint-<step>/` layout gives a
+folder holding the same weights file name. The file and its JSON sidecar `<file>.json` (coefficients,
+steps, source files, metrics) are written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from lcsc_ray.atomic import atomic_write, atomic_write_json
+from lcsc_ray.checkpoints import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
+from lcsc_ray.errors import LcscError
+from lcsc_ray.stack import CheckpointStack
+
+
+def export_path(stack: CheckpointStack, out_path: str | Path) -> Path:
+    """Where the weights go: `out_path` itself when it has a suffix of the inputs' format; without a
+    suffix, `<out>/<weights name>` for the folder layout, else `<out><inputs' suffix>`."""
+    out = Path(out_path).expanduser()
+    newest = stack.files[-1]
+    if not out.suffix:
+        return out / newest.path.name if newest.folder is not None else out.with_name(out.name + newest.path.suffix)
+    allowed = SAFETENSORS_SUFFIXES if newest.format == "safetensors" else TORCH_SUFFIXES
+    if out.suffix.lower() not in allowed:
+        raise LcscError(f"--out {out}: the inputs are {newest.format} files; name the output with "
+                        f"{' or '.join(allowed)} (or give no suffix)")
+    return out
+
+
+def export_merged(stack: CheckpointStack, alpha: np.ndarray | torch.Tensor, out_path: str | Path, *,
+                  metrics: dict | None = None, extra: dict | None = None) -> Path:
+    """Write θ(α) (LCSC-NOTES section 1) next to a JSON sidecar; return the weights file's path."""
+    target = export_path(stack, out_path)
+    coefficients = np.asarray(alpha.detach().cpu() if isinstance(alpha, torch.Tensor) else alpha, dtype=np.float64)
+    state = stack.merged_state_dict(coefficients)
+    if stack.files[-1].format == "safetensors":
+        atomic_write(target, lambda tmp: save_file(state, str(tmp), metadata=stack.metadata))
+    else:
+        container: Any = state
+        for key in reversed(stack.key_path):
+            container = {key: container}
+        atomic_write(target, lambda tmp: torch.save(container, tmp))
+    atomic_write_json(target.with_name(target.name + ".json"), {
+        "coefficients": coefficients.tolist(),
+        "coefficient_sum": float(coefficients.sum()),
+        "steps": stack.steps,
+        "source_files": [str(f.path) for f in stack.files],
+        "format": stack.files[-1].format,
+        "ckpt_key": "/".join(stack.key_path) or None,
+        "storage_dtype": str(stack.storage_dtype).removeprefix("torch."),
+        "metrics": metrics or {},
+        "extra": extra or {},
+    })
+    return target
