@@ -1,0 +1,275 @@
+"""The search machinery: lcsc-es, optimizer building, LcscNevergradSearch and run_search on a real local Ray.
+
+The Ray tests share one local Ray session per module and score a cheap synthetic objective
+(`tests/search_synthetic.py`), so they exercise the real Tune/Nevergrad code paths in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nevergrad as ng
+import numpy as np
+import pytest
+import ray
+
+from lcsc_ray.errors import LcscError
+from lcsc_ray.search.optimizers import build_optimizer
+from lcsc_ray.search.searcher import LcscNevergradSearch, decode_candidate, encode_value, load_searcher
+from lcsc_ray.search.tuner import run_search
+from search_spaces import build_space
+from search_synthetic import BASELINES, K, SPACE, TARGET, objective, slow_trainable, synthetic_trainable
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _space():
+    return build_space(SPACE, K)
+
+
+def _loss(space, candidate) -> float:
+    return objective(space.to_coefficients(candidate.value["alpha"]))
+
+
+def _run_ask_tell(optimizer, space, steps: int, batch: int = 1) -> list[np.ndarray]:
+    """Ask `batch` candidates before telling them (num_workers > 1 style); return the asked values."""
+    asked = []
+    for _ in range(steps):
+        candidates = [optimizer.ask() for _ in range(batch)]
+        for candidate in candidates:
+            asked.append(candidate.value["alpha"].copy())
+            optimizer.tell(candidate, _loss(space, candidate))
+    return asked
+
+
+# ----------------------------------------------------------------------------- lcsc-es and optimizer building
+
+def test_lcsc_es_is_registered_seeded_and_keeps_the_mu_best():
+    assert "lcsc-es" in ng.optimizers.registry
+    space = _space()
+    runs = [build_optimizer("lcsc-es", space.parametrization(), budget=60, num_workers=3, seed=7) for _ in range(2)]
+    sequences = [_run_ask_tell(opt, space, 20, batch=3) for opt in runs]
+    assert np.array_equal(np.array(sequences[0]), np.array(sequences[1]))  # same seed, same run
+    other = build_optimizer("lcsc-es", space.parametrization(), budget=60, num_workers=3, seed=8)
+    assert not np.array_equal(np.array(_run_ask_tell(other, space, 20, batch=3)), np.array(sequences[0]))
+    population = runs[0].population
+    assert len(population) == 8 and [m[0] for m in population] == sorted(m[0] for m in population)
+    assert population[0][0] == pytest.approx(min(objective(space.to_coefficients(v)) for v in sequences[0]))
+
+
+def test_lcsc_es_takes_warm_starts_and_improves_on_them():
+    space = _space()
+    optimizer = build_optimizer("lcsc-es", space.parametrization(), budget=200, num_workers=1, seed=0)
+    for alpha in BASELINES.values():
+        point = optimizer.parametrization.spawn_child(new_value={"alpha": space.to_value(alpha)})
+        optimizer.tell(point, objective(alpha))
+    assert optimizer.num_tell_not_asked == 2 and len(optimizer.population) == 2
+    _run_ask_tell(optimizer, space, 150)
+    best = optimizer.population[0][0]
+    assert best < 0.3 * min(objective(a) for a in BASELINES.values())
+    assert np.allclose(space.to_coefficients(optimizer.recommend().value["alpha"]), TARGET, atol=1.0)
+
+
+def test_lcsc_es_pickles_mid_run_and_continues_identically():
+    space = _space()
+    optimizer = build_optimizer("lcsc-es", space.parametrization(), budget=60, num_workers=2, seed=1)
+    _run_ask_tell(optimizer, space, 5, batch=2)
+    clone = pickle.loads(pickle.dumps(optimizer))
+    assert np.array_equal(np.array(_run_ask_tell(optimizer, space, 5, batch=2)),
+                          np.array(_run_ask_tell(clone, space, 5, batch=2)))
+
+
+def test_build_optimizer_names_and_guards(capsys):
+    space = _space()
+    assert build_optimizer("twopointsde", space.parametrization(), budget=10, num_workers=1, seed=0).name == "TwoPointsDE"
+    with pytest.raises(LcscError, match="did you mean.*CMA"):
+        build_optimizer("cmaa", space.parametrization(), budget=10, num_workers=1, seed=0)
+    with pytest.raises(LcscError, match="Cobyla cannot be pickled"):
+        build_optimizer("Cobyla", space.parametrization(), budget=10, num_workers=1, seed=0)
+    ngopt = build_optimizer("NGOpt", space.parametrization(), budget=10, num_workers=1, seed=0)
+    assert "using CMA" in capsys.readouterr().out and "CMA" in ngopt.name
+
+
+# ----------------------------------------------------------------------------- searcher without Ray
+
+def test_candidate_encoding_is_exact_and_checked():
+    value = np.random.default_rng(0).normal(size=400)
+    config = {"lcsc_value": encode_value(value), "lcsc_label": "search", "lcsc_index": 3}
+    decoded, label = decode_candidate(config)
+    assert np.array_equal(decoded, value) and label == "search"
+    assert len(config["lcsc_value"]) < 400 * 8 * 1.4  # ~4.3 KB, not a 48 KB array repr
+    with pytest.raises(LcscError, match="lcsc_value"):
+        decode_candidate({"alpha": value})
+
+
+def _searcher(seed: int = 0, max_concurrent: int = 2) -> tuple[LcscNevergradSearch, object]:
+    space = _space()
+    optimizer = build_optimizer("lcsc-es", space.parametrization(), budget=50, num_workers=max_concurrent, seed=seed)
+    warm = [(name, space.to_value(alpha)) for name, alpha in BASELINES.items()]
+    return LcscNevergradSearch(optimizer, warm_start=warm, max_concurrent=max_concurrent), space
+
+
+def _complete(searcher, space, trial_id, config):
+    value, _ = decode_candidate(config)
+    score = objective(space.to_coefficients(value))
+    searcher.on_trial_complete(trial_id, {"score": score, "config": config})
+    return score
+
+
+def test_searcher_hands_out_baselines_first_and_tells_them_as_not_asked():
+    searcher, space = _searcher()
+    first, second = searcher.suggest("t0"), searcher.suggest("t1")
+    assert searcher.suggest("t2") is None  # concurrency from the searcher's own live map
+    assert (first["lcsc_label"], second["lcsc_label"]) == ("baseline:newest", "baseline:uniform")
+    assert np.allclose(space.to_coefficients(decode_candidate(first)[0]), BASELINES["newest"])
+    _complete(searcher, space, "t0", first)
+    _complete(searcher, space, "t1", second)
+    assert searcher.optimizer.num_tell == 2 and searcher.optimizer.num_tell_not_asked == 2
+    assert searcher.suggest("t2")["lcsc_label"] == "search"
+    searcher.on_trial_complete("t2", None, error=True)  # errored: never told, slot freed
+    assert searcher.optimizer.num_tell == 2 and searcher.suggest("t3") is not None
+
+
+def test_searcher_tells_unknown_trials_rebuilt_from_their_config():
+    searcher, space = _searcher()
+    stranger = {"lcsc_value": encode_value(space.to_value(TARGET)), "lcsc_label": "search", "lcsc_index": 9}
+    _complete(searcher, space, "never-suggested", stranger)
+    assert searcher.optimizer.num_tell == 1 and searcher.told == [(9, "search", 0.0)]
+    assert searcher.optimizer.population[0][0] == 0.0
+
+
+def test_searcher_save_restore_continues_identically(tmp_path):
+    searcher, space = _searcher(seed=4)
+    for i in range(6):
+        _complete(searcher, space, f"t{i}", searcher.suggest(f"t{i}"))
+    searcher.save(str(tmp_path / "state.pkl"))
+    restored, _ = _searcher(seed=99)  # another seed: everything must come from the file
+    restored.restore(str(tmp_path / "state.pkl"))
+    for i in range(8):
+        original, copy = searcher.suggest(f"n{i}"), restored.suggest(f"n{i}")
+        assert original == copy
+        _complete(searcher, space, f"n{i}", original)
+        _complete(restored, space, f"n{i}", copy)
+    assert searcher.told == restored.told
+
+
+def test_restored_in_flight_trials_are_told_but_do_not_block_new_ones(tmp_path):
+    searcher, space = _searcher(max_concurrent=1)
+    in_flight = searcher.suggest("old")
+    searcher.save(str(tmp_path / "state.pkl"))
+    restored, _ = _searcher(max_concurrent=1)
+    restored.restore(str(tmp_path / "state.pkl"))
+    fresh = restored.suggest("new")  # a stale entry must not hang the search at max_concurrent
+    assert fresh is not None and fresh["lcsc_label"] == "baseline:uniform"
+    _complete(restored, space, "old", in_flight)  # the resumed trial finishes under its old id
+    assert restored.told[0][:2] == (0, "baseline:newest") and restored.optimizer.num_tell_not_asked == 1
+
+
+# ----------------------------------------------------------------------------- run_search on a real local Ray
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # Workers inherit the environment of the local Ray started here: let them import tests/search_synthetic.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _search(storage, name, optimizer="lcsc-es", num_trials=12, trainable=synthetic_trainable, **kwargs):
+    return run_search(
+        trainable, _space(), optimizer=optimizer, num_trials=num_trials, seed=0, warm_start=BASELINES,
+        storage=storage, name=name, max_concurrent=2, resources={"cpu": 1}, progress=False, **kwargs,
+    )
+
+
+def test_lcsc_es_search_runs_the_budget_and_tells_the_baselines(local_ray, tmp_path):
+    table = _search(tmp_path, "es", num_trials=40)
+    assert len(table.rows) == 40 and table.num_errored == 0
+    assert [row.index for row in table.rows] == list(range(40))
+    assert [row.label for row in table.rows[:2]] == ["baseline:newest", "baseline:uniform"]
+    assert all(row.label == "search" for row in table.rows[2:])
+    for name, alpha in BASELINES.items():
+        assert np.allclose(table.baselines()[name].alpha, alpha)
+        assert table.baselines()[name].score == pytest.approx(objective(alpha))
+    # every completed trial was told, the baselines as told-but-not-asked points
+    assert len(table.told) == 40 and table.num_tell_not_asked == 2
+    assert {label for _, label, _ in table.told[:2]} == {"baseline:newest", "baseline:uniform"}
+    assert table.rows[5].metrics["failed"] is False and "score" not in table.rows[5].metrics
+    curve = table.best_so_far
+    assert np.all(np.diff(curve) <= 0) and curve[-1] == table.best().score
+    assert table.best().score < 0.7 * min(objective(alpha) for alpha in BASELINES.values())
+    assert np.isclose(table.best().alpha.sum(), 1.0)
+
+
+@pytest.mark.parametrize("optimizer", ["TwoPointsDE", "CMA"])
+def test_other_nevergrad_optimizers_run(local_ray, tmp_path, optimizer):
+    table = _search(tmp_path, optimizer, optimizer=optimizer, num_trials=8)
+    assert len(table.rows) == 8 and table.num_tell_not_asked == 2 and len(table.told) == 8
+
+
+def test_existing_name_without_resume_is_an_error(local_ray, tmp_path):
+    _search(tmp_path, "taken", num_trials=3)
+    with pytest.raises(LcscError, match="exists in .*--resume"):
+        _search(tmp_path, "taken", num_trials=3)
+    with pytest.raises(LcscError, match="drop --resume"):
+        _search(tmp_path, "absent", num_trials=3, resume=True)
+
+
+def test_resume_refuses_a_corrupt_experiment_state(local_ray, tmp_path):
+    _search(tmp_path, "damaged", num_trials=3)
+    for state in (tmp_path / "damaged").glob("experiment_state-*.json"):
+        state.write_text("{truncated")
+    with pytest.raises(LcscError, match="corrupt"):
+        _search(tmp_path, "damaged", num_trials=3, resume=True)
+
+
+def _completed_before_kill(exp_dir: Path) -> dict[str, float]:
+    """trial id -> score for every trial whose result reached disk before the kill."""
+    import json
+
+    done = {}
+    for result in exp_dir.glob("trial_*/result.json"):
+        lines = [line for line in result.read_text().splitlines() if line.strip()]
+        if lines:
+            record = json.loads(lines[-1])
+            done[record["trial_id"]] = record["score"]
+    return done
+
+
+def test_resume_after_sigkill_reaches_the_full_count(local_ray, tmp_path):
+    num_trials = 14
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+           "TUNE_GLOBAL_CHECKPOINT_S": "0.5", "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "search_synthetic.py"), str(tmp_path), "killed", str(num_trials)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    exp_dir = tmp_path / "killed"
+    deadline = time.monotonic() + 90
+    try:
+        while len(_completed_before_kill(exp_dir)) < 4:
+            assert driver.poll() is None, "the search driver exited before it could be killed"
+            assert time.monotonic() < deadline, "the search driver made no progress"
+            time.sleep(0.2)
+        time.sleep(0.7)  # let one experiment checkpoint (every 0.5 s) cover the finished trials
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started, nothing else
+        driver.wait()
+    before = _completed_before_kill(exp_dir)
+    assert 4 <= len(before) < num_trials
+    table = _search(tmp_path, "killed", num_trials=num_trials, trainable=slow_trainable, resume=True)
+    assert len(table.rows) == num_trials
+    scores = {row.trial_id: row.score for row in table.rows}
+    assert all(scores.get(trial_id) == pytest.approx(score) for trial_id, score in before.items())
+    labels = [row.label for row in table.rows]
+    assert labels.count("baseline:newest") == 1 and labels.count("baseline:uniform") == 1
+    assert sorted(row.index for row in table.rows) == list(range(num_trials))
+    assert len(load_searcher(exp_dir).told) >= num_trials - len(before)
