@@ -1,0 +1,75 @@
+"""Connect to Ray: a local cluster with the dashboard on loopback by default, or an existing cluster.
+
+The dashboard has no authentication of its own beyond Ray's token, so it binds to 127.0.0.1 unless the
+user asks for another host, and then we say loudly that anyone who can reach the port can control Ray.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+import ray
+
+import lcsc_ray
+
+REPO_ROOT = Path(lcsc_ray.__file__).resolve().parents[1]
+
+LOOPBACK_HOSTS = {"localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'."""
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def start_ray(
+    address: str | None = None,
+    *,
+    dashboard: bool = True,
+    dashboard_host: str = "127.0.0.1",
+    dashboard_port: int = 8265,
+    num_cpus: int | None = None,
+    quiet: bool = False,
+) -> str | None:
+    """Start (or join, with `address`) Ray and return the dashboard URL when there is one.
+
+    Workers must not change into their trial folder (`RAY_CHDIR_TO_TRIAL_DIR=0`): every path we hand them
+    is absolute, and relative paths typed by the user keep meaning what they meant in the shell.
+    """
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    if ray.is_initialized():
+        return None
+    # Workers import lcsc_ray and search_spaces from this checkout (on a multi-node cluster the checkout
+    # must sit at the same path on every node, like the checkpoints).
+    python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    runtime_env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0", "PYTHONPATH": python_path}}
+    if address:
+        # Dashboard flags belong to `ray start --head` on an existing cluster; Ray ignores them here.
+        context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=not quiet)
+    else:
+        if dashboard and not is_loopback(dashboard_host):
+            print(
+                f"warning: the Ray dashboard will listen on {dashboard_host}:{dashboard_port}; it has no user "
+                "accounts, so anyone who can reach that port can submit jobs to this machine",
+                file=sys.stderr,
+            )
+        context = ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            dashboard_host=dashboard_host,
+            dashboard_port=dashboard_port if dashboard else None,
+            runtime_env=runtime_env,
+            log_to_driver=not quiet,
+        )
+    url = context.dashboard_url or None
+    if url and not url.startswith("http"):
+        url = f"http://{url}"
+    return url

@@ -1,0 +1,233 @@
+"""Run the coefficient search as a Ray Tune experiment (fresh or resumed) and collect its trials.
+
+`run_search` is the one place that builds the `tune.Tuner`: `LcscNevergradSearch` as the search algorithm,
+`num_samples` as the budget (Nevergrad never stops by itself, RAY-NOTES), `reuse_actors=True` so each worker
+keeps its scorer cached, short trial folder names, `FailureConfig` retries, and a `SearchMonitor` callback
+(progress line with ETA, live metrics, stop on input errors).
+
+Resume (`resume=True`) goes through `Tuner.restore(..., resume_unfinished=True, resume_errored=True)`: the
+searcher (optimizer state, pending warm starts, suggestion counter) and the trial budget come back from
+the experiment files, so a restored search runs on to the original count and does not re-suggest
+baselines it already ran. Ray silently starts a fresh experiment when its state file is missing or
+corrupt (RAY-NOTES), so this module checks the files first and refuses with a message instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from ray import tune
+from ray.tune.result import AUTO_RESULT_KEYS
+
+from lcsc_ray.atomic import atomic_write_json
+from lcsc_ray.errors import LcscError
+from lcsc_ray.search.monitor import InputErrorStopper, SearchMonitor
+from lcsc_ray.search.optimizers import build_optimizer, resolve_optimizer_name
+from lcsc_ray.search.searcher import INDEX_KEY, LcscNevergradSearch, decode_candidate, load_searcher
+from search_spaces.spaces import CoefficientSpace
+
+MANIFEST = "lcsc_search.json"
+EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+TUNE_KEYS = frozenset(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag"}  # Tune's bookkeeping, not the trial's
+
+
+@dataclass
+class TrialRecord:
+    """One completed trial: what was evaluated and what it reported."""
+
+    index: int  # suggestion order (baselines first)
+    trial_id: str
+    label: str  # "baseline:<name>" or "search"
+    value: np.ndarray  # the parametrization value
+    alpha: np.ndarray  # merge coefficients, float64 [K]
+    score: float
+    metrics: dict[str, Any]  # everything else the trial reported (timings, flags), Tune's bookkeeping removed
+
+
+@dataclass
+class ResultTable:
+    """The completed trials of a search in trial order, plus what the optimizer was told."""
+
+    metric: str
+    rows: list[TrialRecord]
+    experiment_path: str
+    num_errored: int = 0
+    told: list[tuple[int, str, float]] = field(default_factory=list)  # (index, label, loss) per optimizer tell
+    num_tell_not_asked: int = 0
+    input_error: str | None = None  # set when a trial hit an input problem and the search was stopped
+
+    @property
+    def best_so_far(self) -> np.ndarray:
+        """Running minimum of the score over trial order (the 'best score vs trial' curve)."""
+        return np.minimum.accumulate(np.array([row.score for row in self.rows], dtype=np.float64))
+
+    def best(self) -> TrialRecord:
+        """The completed trial with the lowest score."""
+        if not self.rows:
+            raise LcscError(f"the search in {self.experiment_path} has no completed trials")
+        return min(self.rows, key=lambda row: row.score)
+
+    def top(self, k: int) -> list[TrialRecord]:
+        """The k lowest-scoring completed trials, best first."""
+        return sorted(self.rows, key=lambda row: row.score)[:k]
+
+    def baselines(self) -> dict[str, TrialRecord]:
+        """The warm-start trials by name (without the `baseline:` prefix)."""
+        return {row.label.split(":", 1)[1]: row for row in self.rows if row.label.startswith("baseline:")}
+
+
+def short_trial_dirname(trial) -> str:
+    """Trial folder names without the config (a K-float array would otherwise end up in the path)."""
+    return f"trial_{trial.trial_id}"
+
+
+def _experiment_dir(storage: str | os.PathLike, name: str) -> Path:
+    if not NAME_PATTERN.match(name):
+        raise LcscError(f"--name {name!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
+    return Path(storage).expanduser().resolve() / name
+
+
+def _check_resumable(exp_dir: Path) -> dict[str, Any]:
+    """Refuse to resume from a missing or damaged experiment (Ray would silently start afresh)."""
+    if not exp_dir.is_dir():
+        raise LcscError(f"no experiment {exp_dir.name} in {exp_dir.parent}; drop --resume to start it")
+    remedy = f"start again under another --name (or delete {exp_dir})"
+    if not tune.Tuner.can_restore(str(exp_dir)):
+        raise LcscError(f"{exp_dir} has no tuner.pkl, so it is not a search Ray can restore; {remedy}")
+    states = sorted(glob.glob(str(exp_dir / EXPERIMENT_STATE_GLOB)))
+    if not states:
+        raise LcscError(f"{exp_dir} has no {EXPERIMENT_STATE_GLOB}: it was stopped before its first checkpoint; {remedy}")
+    try:
+        json.loads(Path(states[-1]).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise LcscError(f"experiment state {states[-1]} is corrupt, Ray would start afresh; {remedy}") from None
+    try:
+        return json.loads((exp_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise LcscError(f"{exp_dir / MANIFEST} is missing or corrupt; {remedy}") from None
+
+
+def run_search(
+    trainable: Callable | type,
+    space: CoefficientSpace,
+    *,
+    optimizer: str,
+    num_trials: int,
+    seed: int,
+    warm_start: dict[str, np.ndarray] | None = None,
+    metric: str = "score",
+    storage: str | os.PathLike,
+    name: str,
+    resume: bool = False,
+    max_concurrent: int = 1,
+    resources: dict[str, float] | None = None,
+    max_failures: int = 2,
+    progress: bool = True,
+    penalty: float = float("inf"),
+) -> ResultTable:
+    """Run (or resume) the search and return its completed trials.
+
+    `trainable` is a Ray Tune function trainable receiving `config` with the keys of
+    `lcsc_ray.search.searcher` (decode with `decode_candidate`); it must report `metric` (lower is better).
+    `warm_start` maps baseline names to α [K]; they are the first trials and are told to the optimizer.
+    `resources` is the per-trial request, e.g. {"cpu": 1, "gpu": 0.5}. Ray must already be initialised
+    (or is started locally by Tune).
+    """
+    exp_dir = _experiment_dir(storage, name)
+    wrapped = tune.with_resources(trainable, resources) if resources else trainable
+    if resume:
+        manifest = _check_resumable(exp_dir)
+        if (manifest["space"], manifest["num_checkpoints"]) != (space.name, space.num_checkpoints):
+            raise LcscError(
+                f"experiment {name} searched --space {manifest['space']} over {manifest['num_checkpoints']} "
+                f"checkpoints, not {space.name} over {space.num_checkpoints}; resume with the same flags"
+            )
+        if manifest["num_trials"] != num_trials:
+            print(f"note: resuming {name} to its original budget of {manifest['num_trials']} trials")
+        tuner = tune.Tuner.restore(str(exp_dir), wrapped, resume_unfinished=True, resume_errored=True)
+        monitor = _attach_monitor(tuner, name, manifest["num_trials"], metric, penalty, progress)
+        grid = tuner.fit()
+    else:
+        if exp_dir.exists() and any(exp_dir.iterdir()):
+            raise LcscError(
+                f"experiment {name} exists in {exp_dir.parent}; pass --resume to continue or choose another --name"
+            )
+        if num_trials < 1:
+            raise LcscError(f"--num-trials must be at least 1, got {num_trials}")
+        warm = list((warm_start or {}).items())
+        if len(warm) > num_trials:
+            raise LcscError(f"--num-trials {num_trials} is fewer than the {len(warm)} baselines it must evaluate first")
+        opt = build_optimizer(
+            optimizer, space.parametrization(), budget=num_trials, num_workers=max_concurrent, seed=seed
+        )
+        searcher = LcscNevergradSearch(
+            opt,
+            warm_start=[(label, space.to_value(alpha)) for label, alpha in warm],
+            metric=metric,
+            mode="min",
+            max_concurrent=max_concurrent,
+        )
+        atomic_write_json(exp_dir / MANIFEST, {
+            "space": space.name, "num_checkpoints": space.num_checkpoints, "bound": space.bound,
+            "sigma": space.sigma, "optimizer": resolve_optimizer_name(optimizer), "seed": seed,
+            "num_trials": num_trials, "metric": metric, "warm_start": [label for label, _ in warm],
+        })
+        tuner = tune.Tuner(
+            wrapped,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, num_samples=num_trials, metric=metric, mode="min", reuse_actors=True,
+                trial_dirname_creator=short_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(exp_dir.parent),
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                verbose=0,
+            ),
+        )
+        monitor = _attach_monitor(tuner, name, num_trials, metric, penalty, progress)
+        grid = tuner.fit()
+    table = collect_results(grid, space, metric=metric, experiment_path=exp_dir)
+    table.input_error = monitor.input_error
+    return table
+
+
+def _attach_monitor(tuner: tune.Tuner, name: str, num_trials: int, metric: str, penalty: float,
+                    progress: bool) -> SearchMonitor:
+    """Give the run this process's monitor and stopper. A restored run's config comes from tuner.pkl, so
+    they are set on the tuner's run config rather than passed in, the same way for fresh and restored runs."""
+    monitor = SearchMonitor(experiment=name, num_trials=num_trials, metric=metric, penalty=penalty, echo=progress)
+    run_config = tuner._local_tuner.get_run_config()
+    run_config.callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, SearchMonitor)] + [monitor]
+    run_config.stop = InputErrorStopper(monitor)
+    return monitor
+
+
+def collect_results(grid, space: CoefficientSpace, *, metric: str, experiment_path: Path) -> ResultTable:
+    """Turn a `ResultGrid` into a `ResultTable` (completed trials in suggestion order) and read the saved
+    searcher for what the optimizer was told."""
+    rows, errored = [], 0
+    for result in grid:
+        if result.error is not None or not result.metrics or metric not in result.metrics:
+            errored += 1
+            continue
+        value, label = decode_candidate(result.config)
+        metrics = {k: v for k, v in result.metrics.items() if k not in TUNE_KEYS and k != metric}
+        rows.append(TrialRecord(
+            index=int(result.config.get(INDEX_KEY, -1)), trial_id=str(result.metrics.get("trial_id", "")),
+            label=label, value=value, alpha=space.to_coefficients(value), score=float(result.metrics[metric]),
+            metrics=metrics,
+        ))
+    rows.sort(key=lambda row: row.index)
+    searcher = load_searcher(experiment_path)
+    return ResultTable(
+        metric=metric, rows=rows, experiment_path=str(experiment_path), num_errored=errored,
+        told=list(searcher.told), num_tell_not_asked=searcher.optimizer.num_tell_not_asked,
+    )

@@ -1,0 +1,100 @@
+"""The LCSC search end to end with a real local Ray: tiny real training runs, real merges, real sampling,
+the real digits feature extractor and Fréchet distance, Nevergrad on Ray Tune."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from safetensors.torch import load_file
+
+from lcsc_ray.checkpoints import discover_checkpoints
+from lcsc_ray.reference_stats import ensure_reference_stats
+from lcsc_ray.run_folder import load_run
+from lcsc_ray.scoring import ScoringSpec
+from lcsc_ray.search.job import run_job
+from lcsc_ray.search.trial import PENALTY_SCORE, lcsc_trial
+from lcsc_ray.search.tuner import run_search
+from lcsc_ray.profiles import newest_profile
+from ray import tune
+from search_spaces.spaces import build_space
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _job(run_dir: Path, storage: Path, name: str, *extra: str, kind: str = "cm") -> dict:
+    argv = ["--ckpt-dir", str(run_dir), "--num-trials", "14", "--fid-samples", "300", "--final-samples", "600",
+            "--top-k", "2", "--storage", str(storage), "--name", name, "--no-dashboard", "--quiet",
+            "--batch-size", "300", *extra]
+    return run_job(argv, kind=kind)
+
+
+def test_search_runs_the_budget_tells_baselines_and_exports_a_loadable_winner(local_ray, tiny_cm_run, tmp_path):
+    results = _job(tiny_cm_run, tmp_path, "cm-es")
+    out = tmp_path / "cm-es" / "final"
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["search"]["trials_completed"] == 14 and results["search"]["trials_completed"] == 14
+    assert on_disk["metric"] == "fd_digits"
+    # Every baseline was evaluated as a trial and told to the optimizer as a not-asked point.
+    manifest = json.loads((tmp_path / "cm-es" / "lcsc_search.json").read_text())
+    assert len(manifest["warm_start"]) == len(on_disk["baselines"]) == 5
+    assert all(b["search_score"] is not None and b["heldout_score"] is not None for b in on_disk["baselines"].values())
+    winner = on_disk["winner"]
+    assert len(winner["alpha"]) == len(winner["steps"]) == 12
+    assert abs(sum(winner["alpha"]) - 1.0) < 1e-9  # the affine space keeps Σα = 1
+    assert winner["heldout_score"] <= min(f["heldout_score"] for f in on_disk["finalists"])
+    # The exported merged checkpoint loads as a plain state dict with the run's keys and equals Σ αᵢ θᵢ.
+    merged = load_file(winner["checkpoint"])
+    files = discover_checkpoints(load_run(tiny_cm_run).checkpoint_dir)
+    reference = {k: sum(a * load_file(f.path)[k].double() for a, f in zip(winner["alpha"], files))
+                 for k in merged}
+    for key, tensor in merged.items():
+        assert np.allclose(tensor.double().numpy(), reference[key].numpy(), rtol=1e-5, atol=1e-6), key
+    sidecar = json.loads(Path(winner["checkpoint"] + ".json").read_text())
+    assert sidecar["steps"] == winner["steps"]
+    for plot in ("best_score_vs_trial.png", "coefficients_vs_step.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_another_optimizer_name_runs(local_ray, tiny_cm_run, tmp_path):
+    results = _job(tiny_cm_run, tmp_path, "cm-de", "--optimizer", "TwoPointsDE", "--space", "grouped:4")
+    assert results["search"]["trials_completed"] == 14
+    assert results["search"]["optimizer"] == "TwoPointsDE"
+    assert len(results["winner"]["alpha"]) == 12
+
+
+def test_diffusion_search_with_dpmsolver_at_9_nfe(local_ray, tiny_dm_run, tmp_path):
+    results = _job(tiny_dm_run, tmp_path, "dm", "--sampler", "dpmsolver++", "--nfe", "9", kind="dm")
+    assert results["search"]["trials_completed"] == 14
+    assert np.isfinite(results["winner"]["heldout_score"])
+
+
+def test_a_nan_candidate_is_penalised_and_the_search_goes_on(local_ray, tiny_cm_run, tmp_path):
+    """Coefficients of ±1e30 overflow float32 activations into Inf/NaN samples: that trial must be reported
+    with the penalty and `failed`, told to the optimizer, and the search must finish its budget."""
+    run = load_run(tiny_cm_run)
+    files = tuple(discover_checkpoints(run.checkpoint_dir))
+    stats = ensure_reference_stats("digits", "digits")
+    spec = ScoringSpec(run_dir=str(tiny_cm_run), files=files, reference_stats=str(stats), extractor="digits",
+                       batch_size=200, threads=1)
+    space = build_space("full", len(files), bound=1e31)
+    explosive = np.zeros(len(files))
+    explosive[-1], explosive[-2] = 1e30, -1e30
+    trainable = tune.with_parameters(lcsc_trial, scoring=spec, space=space, seed=0, num_samples=200)
+    table = run_search(trainable, space, optimizer="OnePlusOne", num_trials=6, seed=0,
+                       warm_start={"newest": newest_profile(len(files)), "explosive": explosive},
+                       storage=tmp_path, name="nan", resources={"cpu": 1}, progress=False, penalty=PENALTY_SCORE)
+    assert len(table.rows) == 6 and table.num_errored == 0
+    rows = table.baselines()
+    assert rows["explosive"].metrics["failed"] is True and rows["explosive"].score == PENALTY_SCORE
+    assert "NonFinite" in rows["explosive"].metrics["error"] or "finite" in rows["explosive"].metrics["error"].lower()
+    assert rows["newest"].metrics["failed"] is False and rows["newest"].score < PENALTY_SCORE
+    assert ("baseline:explosive", PENALTY_SCORE) in [(label, loss) for _, label, loss in table.told]
