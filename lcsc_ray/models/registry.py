@@ -1,0 +1,47 @@
+"""Model factories by name, or by `module:function` for a user's own architecture.
+
+run.json stores `{"factory": <name or module:function>, "kwargs": {...}}`; later tools rebuild the raw
+network from that alone. A factory returns an `nn.Module` callable as `net(x_in [N,C,H,W], c_noise [N])`
+returning [N,C,H,W] (wrap a foreign network, e.g. the OpenAI CM U-Net, in a module with that signature; its
+state_dict is then what the checkpoints hold).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from torch import nn
+
+from lcsc_ray.errors import LcscError
+from lcsc_ray.models.unet import UNet
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"unet": UNet}
+
+
+def resolve_factory(factory: str) -> Callable[..., nn.Module]:
+    """The callable named by `factory`: a key of MODELS, or `package.module:function`."""
+    if factory in MODELS:
+        return MODELS[factory]
+    if ":" not in factory:
+        raise LcscError(f"model factory {factory!r} unknown; use one of {sorted(MODELS)} or 'package.module:function'")
+    module_name, attr = factory.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise LcscError(f"model factory {factory!r}: cannot import {module_name!r} ({error}); check PYTHONPATH") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise LcscError(f"model factory {factory!r}: {module_name} has no callable {attr!r}")
+    return fn
+
+
+def build_model(factory: str, kwargs: dict[str, Any]) -> nn.Module:
+    """A freshly initialised raw network on the CPU in float32."""
+    try:
+        net = resolve_factory(factory)(**kwargs)
+    except TypeError as error:
+        raise LcscError(f"model factory {factory!r} rejected its kwargs {kwargs} ({error}); fix 'model' in run.json") from None
+    if not isinstance(net, nn.Module):
+        raise LcscError(f"model factory {factory!r} returned {type(net).__name__}, not a torch.nn.Module")
+    return net.float()

@@ -1,0 +1,88 @@
+"""Consistency-model samplers (LCSC-NOTES §3, OpenAI `karras_sample` with `sampler="onestep"/"multistep"`).
+
+The network passed in is the raw F; the consistency function f(x, σ) is built around it with the run's σ
+constants (lcsc_ray/precond.py). Noise comes from FixedNoise: stream 0 is x_T/σ_max, stream k the noise
+injected after the k-th evaluation, so outputs do not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from lcsc_ray.errors import LcscError
+from lcsc_ray.noise import FixedNoise
+from lcsc_ray.precond import SigmaConfig, consistency_fn, karras_sigmas
+
+
+def _device(net: nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+@dataclass
+class OneStepSampler:
+    """x_T ~ N(0, σ_max²I), x = f(x_T, σ_max): one network evaluation."""
+
+    sigmas: SigmaConfig
+    name: str = "onestep"
+    nfe: int = 1
+
+    @torch.no_grad()
+    def sample(self, net: nn.Module, noise: FixedNoise, start: int, count: int) -> torch.Tensor:
+        s = self.sigmas
+        x = noise.normal(0, start, count, _device(net)) * s.sigma_max
+        return consistency_fn(net, x, s.sigma_max, s.sigma_min, s.sigma_data).clamp(-1.0, 1.0)
+
+
+@dataclass
+class MultistepSampler:
+    """On the `steps`-point Karras grid, for t in ts: x₀ = clamp(f(x, σ_t)); then, if a next index exists,
+    x = x₀ + z·√(σ_next² − σ_min²) (LCSC-NOTES §3; CIFAR-10 `steps=18, ts=0,10,17`)."""
+
+    sigmas: SigmaConfig
+    steps: int
+    ts: tuple[int, ...]
+    name: str = "multistep"
+
+    def __post_init__(self) -> None:
+        if self.steps < 2 or not self.ts or list(self.ts) != sorted(set(self.ts)) or not 0 <= self.ts[0] <= self.ts[-1] < self.steps:
+            raise LcscError(f"--ts {list(self.ts)}: need strictly increasing indices in [0, --steps {self.steps})")
+        s = self.sigmas
+        self.grid = karras_sigmas(self.steps, s.sigma_min, s.sigma_max, s.rho)
+
+    @property
+    def nfe(self) -> int:
+        return len(self.ts)
+
+    @torch.no_grad()
+    def sample(self, net: nn.Module, noise: FixedNoise, start: int, count: int) -> torch.Tensor:
+        s, device = self.sigmas, _device(net)
+        x = noise.normal(0, start, count, device) * float(self.grid[self.ts[0]])
+        for k, t in enumerate(self.ts):
+            x0 = consistency_fn(net, x, float(self.grid[t]), s.sigma_min, s.sigma_data).clamp(-1.0, 1.0)
+            if k + 1 == len(self.ts):
+                return x0
+            next_sigma = float(self.grid[self.ts[k + 1]])
+            x = x0 + noise.normal(k + 1, start, count, device) * math.sqrt(next_sigma**2 - s.sigma_min**2)
+        raise AssertionError("unreachable")
+
+
+def build_onestep(sigmas: SigmaConfig, nfe: int | None, steps: int | None, ts: Sequence[int] | None, order: int | None) -> OneStepSampler:
+    if nfe not in (None, 1):
+        raise LcscError(f"--nfe {nfe}: the onestep sampler makes exactly 1 evaluation; use 'multistep' for more")
+    return OneStepSampler(sigmas)
+
+
+def build_multistep(sigmas: SigmaConfig, nfe: int | None, steps: int | None, ts: Sequence[int] | None, order: int | None) -> MultistepSampler:
+    """Defaults to the published CIFAR-10 setting steps=18, ts=0,10,17; `nfe` alone spreads nfe indices evenly."""
+    steps = steps or 18
+    if ts is None:
+        ts = (0, 10, 17) if nfe is None and steps == 18 else tuple(round(i * (steps - 1) / max(1, (nfe or 2) - 1)) for i in range(nfe or 2))
+    sampler = MultistepSampler(sigmas, steps, tuple(int(t) for t in ts))
+    if nfe is not None and nfe != sampler.nfe:
+        raise LcscError(f"--nfe {nfe} disagrees with --ts {list(ts)} ({sampler.nfe} evaluations); give one of them")
+    return sampler

@@ -1,0 +1,68 @@
+"""The flags of launch/train_cm.py and launch/train_dm.py (one parser, defaults from demo.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lcsc_ray.errors import LcscError
+from lcsc_ray.training.demo import DEFAULTS, default_run_dir
+from lcsc_ray.training.loop import make_config, train
+
+TITLES = {
+    "cm": "Consistency training (improved CT: Karras σ grid, boundary-condition scalings, growing N, "
+          "pseudo-Huber loss, no target EMA).",
+    "dm": "EDM diffusion training (denoiser preconditioning, log-normal σ, EDM loss weighting).",
+}
+
+
+def build_parser(kind: str) -> argparse.ArgumentParser:
+    d = DEFAULTS[kind]
+    m = d["model_kwargs"]
+    parser = argparse.ArgumentParser(
+        description=f"{TITLES[kind]} Saves raw and EMA weights every --save-every steps as safetensors, resumes "
+        "from the newest checkpoint when rerun on the same --out, and writes samples.png (EMA) and samples_raw.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--out", default=str(default_run_dir(kind)), help="run folder (the default is the one the LCSC search reuses)")
+    parser.add_argument("--data", default=d["data"], help="'digits' (bundled 8x8), 'cifar10:<folder>', a .npz of uint8 images, or an image folder")
+    parser.add_argument("--steps", type=int, default=d["steps"], help="total optimizer updates")
+    parser.add_argument("--save-every", type=int, default=d["save_every"], help="checkpoint cadence in updates")
+    parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="training batch size")
+    parser.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (after linear warm-up)")
+    parser.add_argument("--warmup", type=int, default=d["warmup"], help="linear learning-rate warm-up in updates")
+    parser.add_argument("--ema-decay", type=float, default=d["ema_decay"], help="decay of the training EMA saved in checkpoints_ema/")
+    parser.add_argument("--seed", type=int, default=d["seed"], help="seed for initialisation, batches and noise")
+    parser.add_argument("--model", default="unet", help="model factory: a registered name or 'package.module:function'")
+    parser.add_argument("--channels", type=int, default=m["channels"], help="U-Net base width (CIFAR-10 scale: 128)")
+    parser.add_argument("--channel-mult", default=",".join(map(str, m["channel_mult"])), help="width multiplier per resolution level, comma separated (CIFAR-10 scale: 1,2,2,2)")
+    parser.add_argument("--num-blocks", type=int, default=m["num_blocks"], help="residual blocks per level (CIFAR-10 scale: 2)")
+    parser.add_argument("--attention", action="store_true", help="self-attention at the lowest resolution")
+    parser.add_argument("--dropout", type=float, default=m["dropout"], help="dropout in residual blocks")
+    parser.add_argument("--model-kwargs", default=None, help="JSON kwargs for a custom --model (replaces the U-Net size flags)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids oversubscription on shared CPUs; 0 = torch's default)")
+    parser.add_argument("--device", default="cpu", help="torch device for the network and data, e.g. cuda")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(kind: str, argv: list[str] | None = None) -> None:
+    args = build_parser(kind).parse_args(argv)
+    if args.model_kwargs is not None:
+        try:
+            model_kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as error:
+            raise LcscError(f"--model-kwargs: not valid JSON ({error}); e.g. '{{\"width\": 64}}'") from None
+    else:
+        try:
+            mult = [int(v) for v in args.channel_mult.split(",")]
+        except ValueError:
+            raise LcscError(f"--channel-mult {args.channel_mult!r}: give integers separated by commas, e.g. 1,2") from None
+        model_kwargs = {"channels": args.channels, "channel_mult": mult, "num_blocks": args.num_blocks,
+                        "attention": args.attention, "dropout": args.dropout}
+    config = make_config(
+        kind, data=args.data, steps=args.steps, save_every=args.save_every, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, model_kwargs=model_kwargs, ema_decay=args.ema_decay, warmup=args.warmup, factory=args.model,
+    )
+    stats = train(args.out, config, quiet=args.quiet, threads=args.threads or None, device=args.device)
+    print(json.dumps({"run_dir": str(args.out), **stats}))

@@ -1,0 +1,52 @@
+"""Consistency training (CT) loss, improved-CT variant (Song & Dhariwal 2023, "Improved Techniques for
+Training Consistency Models", iCT), on the OpenAI conventions of LCSC-NOTES §3.
+
+Choices (documented in run.json under `training`):
+- Karras σ grid with σ_min 0.002, σ_max 80, ρ 7 and boundary-condition scalings (lcsc_ray/precond.py).
+- Growing discretisation N(k) = min(s₀·2^⌊k/K'⌋, s₁) + 1, K' = ⌊K / (⌊log₂(s₁/s₀)⌋ + 1)⌋ (iCT Eq. 11).
+- No target EMA: the target is the online network under stop-gradient (iCT §3.2); a separate training EMA
+  is kept for evaluation only (lcsc_ray/training/loop.py).
+- Noise-level index sampled from the discretised log-normal p(i) (iCT Eq. 10, P_mean −1.1, P_std 2.0),
+  weight λ(σᵢ) = 1/(σᵢ₊₁ − σᵢ) (iCT §3.4), pseudo-Huber distance √(‖a−b‖² + c²) − c with c = 0.00054·√d
+  (iCT §3.3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lcsc_ray.precond import SigmaConfig, consistency_fn, karras_sigmas, log_normal_cdf_weights
+
+CT_DEFAULTS = {"s0": 10, "s1": 1280, "p_mean": -1.1, "p_std": 2.0}
+
+
+def discretisation_steps(step: int, total_steps: int, s0: int, s1: int) -> int:
+    """N(k), the number of grid points at training step k (iCT Eq. 11, exponential curriculum)."""
+    k_prime = max(1, math.floor(total_steps / (math.floor(math.log2(s1 / s0)) + 1)))
+    return min(s0 * 2 ** (step // k_prime), s1) + 1
+
+
+def ct_loss(
+    net: nn.Module, x0: torch.Tensor, step: int, total_steps: int, sigmas: SigmaConfig, settings: dict,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The iCT loss λ(σᵢ)·d(f_θ(x + σᵢ₊₁z, σᵢ₊₁), sg f_θ(x + σᵢz, σᵢ)) averaged over the batch."""
+    n = discretisation_steps(step, total_steps, settings["s0"], settings["s1"])
+    grid = karras_sigmas(n, sigmas.sigma_min, sigmas.sigma_max, sigmas.rho).flip(0)  # ascending
+    probs = log_normal_cdf_weights(grid, settings["p_mean"], settings["p_std"])
+    i = torch.multinomial(probs, x0.shape[0], replacement=True, generator=generator)
+    sigma_lo, sigma_hi = grid[i].to(x0.device), grid[i + 1].to(x0.device)
+    z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)  # CPU generator: resumable
+    shape = (-1, 1, 1, 1)
+    x_hi = x0 + sigma_hi.to(x0.dtype).view(shape) * z
+    x_lo = x0 + sigma_lo.to(x0.dtype).view(shape) * z
+    with torch.no_grad():
+        target = consistency_fn(net, x_lo, sigma_lo, sigmas.sigma_min, sigmas.sigma_data)
+    pred = consistency_fn(net, x_hi, sigma_hi, sigmas.sigma_min, sigmas.sigma_data)
+    c = 0.00054 * math.sqrt(x0[0].numel())
+    distance = torch.sqrt((pred - target).flatten(1).square().sum(1) + c**2) - c
+    weight = (1.0 / (sigma_hi - sigma_lo)).to(x0.dtype)
+    return (weight * distance).mean()

@@ -1,0 +1,151 @@
+"""The training loop shared by consistency training (CM) and diffusion training (DM).
+
+One Adam optimiser on the raw network, linear LR warm-up, a training EMA for evaluation, and a checkpoint
+(raw + EMA weights, resume state) every `save_every` updates (lcsc_ray/training/checkpointing.py). The run
+folder's run.json is written first, so later tools rebuild the network from the folder alone; a finished
+run gets `done.json` (atomic) with its statistics, then sample grids from the newest raw and EMA weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lcsc_ray.atomic import atomic_write_json
+from lcsc_ray.data import load_images
+from lcsc_ray.errors import LcscError
+from lcsc_ray.models import build_model
+from lcsc_ray.precond import SigmaConfig
+from lcsc_ray.run_folder import DONE_JSON, RUN_JSON, load_run, validate_config
+from lcsc_ray.training.checkpointing import resume, save_checkpoint
+from lcsc_ray.training.ct import CT_DEFAULTS, ct_loss
+from lcsc_ray.training.dm import DM_DEFAULTS, edm_loss
+from lcsc_ray.training.preview import write_sample_grid
+
+LOSSES = {"cm": (ct_loss, CT_DEFAULTS), "dm": (edm_loss, DM_DEFAULTS)}
+
+
+def make_config(
+    kind: str, *, data: str, steps: int, save_every: int, batch_size: int, lr: float, seed: int,
+    model_kwargs: dict[str, Any], ema_decay: float, warmup: int, factory: str = "unet",
+) -> dict:
+    """run.json content for a new run (image shape filled in by `train` from the data)."""
+    for flag, value in (("--steps", steps), ("--save-every", save_every), ("--batch-size", batch_size)):
+        if value < 1:
+            raise LcscError(f"{flag} {value}: must be at least 1")
+    if lr <= 0 or not 0 <= ema_decay < 1:
+        raise LcscError(f"--lr {lr} must be > 0 and --ema-decay {ema_decay} in [0, 1)")
+    return {
+        "format": 1,
+        "kind": kind,
+        "model": {"factory": factory, "kwargs": model_kwargs},
+        "data": data,
+        "image_shape": None,
+        "precond": SigmaConfig().to_dict(),
+        "training": {
+            "steps": steps, "save_every": save_every, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "ema_decay": ema_decay, "warmup": warmup, "loss": "ict" if kind == "cm" else "edm", **LOSSES[kind][1],
+        },
+    }
+
+
+def _prepare_folder(run_dir: Path, config: dict) -> None:
+    """Write run.json for a new run, or check that an existing one describes the same run (resume)."""
+    path = run_dir / RUN_JSON
+    if path.is_file():
+        existing = load_run(run_dir).config
+        if existing != config:
+            raise LcscError(
+                f"{path}: this folder holds a run with different settings; choose another --out or delete the folder"
+            )
+        return
+    validate_config(config, str(path))
+    atomic_write_json(path, config)
+
+
+def train(
+    run_dir: str | Path, config: dict, *, quiet: bool = False, threads: int | None = 1, device: str = "cpu"
+) -> dict:
+    """Train (or resume) the run described by `config` in `run_dir`; return the done.json statistics.
+
+    `threads` caps torch's intra-op threads while training (restored afterwards; None leaves it alone):
+    the demo model is so small that on a shared 2-core machine two OpenMP threads per process spin against
+    other processes and ran 25x slower than one thread in our measurements. `device` holds the network and
+    data (e.g. "cuda"); random numbers always come from one CPU generator, so resume is exact everywhere.
+    """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        try:
+            target = torch.device(device)
+        except RuntimeError:
+            raise LcscError(f"--device {device!r}: not a torch device; use cpu, cuda or cuda:<index>") from None
+        return _train(Path(run_dir).expanduser().resolve(), config, quiet, target)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(run_dir: Path, config: dict, quiet: bool, device: torch.device) -> dict:
+    images = load_images(config["data"])
+    config = {**config, "image_shape": list(images.shape[1:])}
+    _prepare_folder(run_dir, config)
+    run = load_run(run_dir)
+    settings = config["training"]
+    loss_fn = LOSSES[run.kind][0]
+
+    torch.manual_seed(settings["seed"])  # network initialisation
+    net = build_model(config["model"]["factory"], config["model"]["kwargs"]).to(device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=settings["lr"])
+    generator = torch.Generator().manual_seed(settings["seed"])
+    start = resume(run_dir, net, ema, optimizer, generator)
+    total = settings["steps"]
+    if start >= total and (run_dir / DONE_JSON).is_file():
+        return json.loads((run_dir / DONE_JSON).read_text(encoding="utf-8"))  # already complete: keep its record
+
+    began, losses = time.perf_counter(), []
+    bar = tqdm(range(start, total), initial=start, total=total, disable=quiet, desc=f"{run.kind} training", unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = settings["lr"] * min(1.0, (step + 1) / max(1, settings["warmup"]))
+        batch = images[torch.randint(len(images), (settings["batch_size"],), generator=generator)].to(device)
+        loss = loss_fn(net, batch, step, total, run.sigmas, settings, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _update_ema(ema, net, settings["ema_decay"], step)
+        losses.append(loss.item())
+        if (step + 1) % settings["save_every"] == 0:
+            save_checkpoint(run_dir, step + 1, net, ema, optimizer, generator)
+            bar.set_postfix(loss=f"{sum(losses[-settings['save_every']:]) / len(losses[-settings['save_every']:]):.4f}")
+
+    stats = {
+        "steps": total,
+        "resumed_from": start,
+        "train_seconds_this_session": round(time.perf_counter() - began, 1),
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "final_loss_mean_last_100": sum(losses[-100:]) / max(1, len(losses[-100:])) if losses else None,
+    }
+    net.eval()
+    write_sample_grid(run, ema, run_dir / "samples.png")
+    write_sample_grid(run, net, run_dir / "samples_raw.png")
+    atomic_write_json(run_dir / DONE_JSON, stats)
+    return stats
+
+
+@torch.no_grad()
+def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float, step: int) -> None:
+    """θ_ema ← β·θ_ema + (1−β)·θ with β = min(decay, (1+k)/(10+k)) (warm-up as in TF's
+    ExponentialMovingAverage with num_updates), so early averages are not dominated by the initial weights."""
+    beta = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p, 1.0 - beta)
+    for e, b in zip(ema.buffers(), net.buffers()):
+        e.copy_(b)
