@@ -16,7 +16,7 @@ from lcsc_ray.reference_stats import ensure_reference_stats
 from lcsc_ray.run_folder import load_run
 from lcsc_ray.scoring import ScoringSpec
 from lcsc_ray.search.job import run_job
-from lcsc_ray.search.trial import PENALTY_SCORE, lcsc_trial
+from lcsc_ray.search.trial import PENALTY_SCORE, LcscTrial
 from lcsc_ray.search.tuner import run_search
 from lcsc_ray.profiles import newest_profile
 from ray import tune
@@ -88,7 +88,7 @@ def test_a_nan_candidate_is_penalised_and_the_search_goes_on(local_ray, tiny_cm_
     space = build_space("full", len(files), bound=1e31)
     explosive = np.zeros(len(files))
     explosive[-1], explosive[-2] = 1e30, -1e30
-    trainable = tune.with_parameters(lcsc_trial, scoring=spec, space=space, seed=0, num_samples=200)
+    trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, seed=0, num_samples=200)
     table = run_search(trainable, space, optimizer="OnePlusOne", num_trials=6, seed=0,
                        warm_start={"newest": newest_profile(len(files)), "explosive": explosive},
                        storage=tmp_path, name="nan", resources={"cpu": 1}, progress=False, penalty=PENALTY_SCORE)

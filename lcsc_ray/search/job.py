@@ -28,8 +28,8 @@ from lcsc_ray.run_folder import load_run
 from lcsc_ray.scoring import ScoringSpec, cached_scorer
 from lcsc_ray.search.report import (ScoredCandidate, format_table, plot_best_so_far, plot_coefficients,
                                     write_results)
-from lcsc_ray.search.trial import PENALTY_SCORE, lcsc_trial
-from lcsc_ray.search.tuner import ResultTable, run_search
+from lcsc_ray.search.trial import PENALTY_SCORE, LcscTrial
+from lcsc_ray.search.tuner import ResultTable, check_experiment, run_search
 from lcsc_ray.training.demo import ensure_demo_run
 from search_spaces import load_preset
 from search_spaces.spaces import build_space
@@ -195,6 +195,7 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
 
     storage = Path(args.storage).expanduser().resolve()
     name = experiment_name(args, kind, storage)
+    check_experiment(storage, name, resume=args.resume)  # before Ray starts: fail fast, never overwrite
     output = Path(args.output).expanduser().resolve() if args.output else storage / name / "final"
     url = start_ray(args.address, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
                     dashboard_port=args.dashboard_port, quiet=args.quiet)
@@ -205,7 +206,7 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
         from lcsc_ray.stack import CheckpointStack
         payload = ray.put(CheckpointStack.from_files(files, ckpt_key=args.ckpt_key).to_payload())
 
-    trainable = tune.with_parameters(lcsc_trial, scoring=spec, space=space, seed=args.noise_seed,
+    trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, seed=args.noise_seed,
                                      num_samples=args.fid_samples, stack_payload=payload)
     print(f"search: {args.num_trials} trials, optimizer {args.optimizer}, space {space.name} (K={len(files)}), "
           f"{args.fid_samples} samples per evaluation; experiment {storage / name}")

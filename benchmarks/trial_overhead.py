@@ -1,0 +1,97 @@
+"""Ray Tune overhead of the LCSC search: trials/s of the real search vs a plain Python loop doing the same
+evaluations (same candidates, same scorer, same threads) in one process, measured in the same run.
+
+    python benchmarks/trial_overhead.py                     # the embedded demo run at its evaluation size
+    python benchmarks/trial_overhead.py --ckpt-dir RUN --trials 60 --fid-samples 1000
+
+Prints the per-candidate time of both, the overhead fraction (1 - loop/ray; target <= 10%) and the
+trials/s with 1 and 2 concurrent trials (the scaling on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+
+from lcsc_ray.checkpoints import discover_checkpoints  # noqa: E402
+from lcsc_ray.cluster import start_ray  # noqa: E402
+from lcsc_ray.profiles import baseline_profiles  # noqa: E402
+from lcsc_ray.reference_stats import ensure_reference_stats  # noqa: E402
+from lcsc_ray.run_folder import load_run  # noqa: E402
+from lcsc_ray.scoring import CandidateScorer, ScoringSpec  # noqa: E402
+from lcsc_ray.search.trial import PENALTY_SCORE, LcscTrial  # noqa: E402
+from lcsc_ray.search.tuner import run_search  # noqa: E402
+from lcsc_ray.training.demo import ensure_demo_run  # noqa: E402
+from search_spaces import load_preset  # noqa: E402
+from search_spaces.spaces import build_space  # noqa: E402
+
+
+def main() -> None:
+    preset = load_preset("digits-cm")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt-dir", help="training run folder (default: the embedded demo run)")
+    parser.add_argument("--trials", type=int, default=40, help="candidates per measurement")
+    parser.add_argument("--fid-samples", type=int, default=preset["fid_samples"], help="samples per evaluation")
+    parser.add_argument("--batch-size", type=int, default=500)
+    args = parser.parse_args()
+
+    run_dir = Path(args.ckpt_dir).resolve() if args.ckpt_dir else ensure_demo_run("cm")
+    run = load_run(run_dir)
+    files = tuple(discover_checkpoints(run.checkpoint_dir))
+    stats = ensure_reference_stats(run.config["data"], preset["extractor"])
+    spec = ScoringSpec(run_dir=str(run_dir), files=files, reference_stats=str(stats), extractor=preset["extractor"],
+                       batch_size=args.batch_size, threads=1)
+    space = build_space(preset["space"], len(files), bound=preset["bound"])
+    baselines = baseline_profiles([f.step for f in files], [0.99, 0.999])
+    print(f"run {run_dir}: K={len(files)}, {args.fid_samples} samples per evaluation, {args.trials} candidates")
+
+    # Plain loop: the same scorer in this process, the same kind of candidates (baselines, then random
+    # points of the space around them), one thread like one trial.
+    scorer = CandidateScorer(spec)
+    rng = np.random.default_rng(0)
+    alphas = list(baselines.values())
+    while len(alphas) < args.trials:
+        alphas.append(space.to_coefficients(space.init_value() + rng.normal(0, space.sigma, space.dimension)))
+    scorer.score(alphas[0], seed=0, num_samples=args.fid_samples)  # warm-up, as a reused Ray actor is warm
+    start = time.perf_counter()
+    for alpha in alphas:
+        scorer.score(alpha, seed=0, num_samples=args.fid_samples)
+    loop_seconds = (time.perf_counter() - start) / len(alphas)
+
+    start_ray(None, dashboard=False, quiet=True)
+    trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, seed=0, num_samples=args.fid_samples)
+    per_trial = {}
+    with tempfile.TemporaryDirectory() as storage:
+        for concurrent in (1, 2):
+            start = time.perf_counter()
+            table = run_search(trainable, space, optimizer="lcsc-es", num_trials=args.trials, seed=0,
+                               warm_start=baselines, storage=storage, name=f"overhead-{concurrent}",
+                               max_concurrent=concurrent, resources={"cpu": 1}, progress=False,
+                               penalty=PENALTY_SCORE)
+            wall = time.perf_counter() - start
+            assert len(table.rows) == args.trials
+            per_trial[concurrent] = wall / args.trials
+            evaluate = np.median([row.metrics.get("time_sample", 0) + row.metrics.get("time_features", 0)
+                                  + row.metrics.get("time_statistics", 0) + row.metrics.get("time_distance", 0)
+                                  + row.metrics.get("time_merge", 0) for row in table.rows])
+            print(f"ray tune, {concurrent} concurrent: {wall:.1f} s for {args.trials} trials = "
+                  f"{1 / per_trial[concurrent]:.2f} trials/s (median in-trial evaluation {evaluate * 1e3:.0f} ms)")
+    ray.shutdown()
+    overhead = 1 - loop_seconds / per_trial[1]
+    print(f"plain loop: {loop_seconds * 1e3:.0f} ms per candidate = {1 / loop_seconds:.2f} candidates/s")
+    print(f"overhead of Ray Tune at 1 concurrent trial: {overhead:.1%} of trial time (target <= 10%); "
+          f"ray/loop time ratio {per_trial[1] / loop_seconds:.2f}x")
+    print(f"scaling 1 -> 2 concurrent trials: {per_trial[1] / per_trial[2]:.2f}x trials/s")
+
+
+if __name__ == "__main__":
+    main()
