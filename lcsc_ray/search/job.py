@@ -81,8 +81,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--optimizer", help="'lcsc-es' (the paper's evolutionary search) or any Nevergrad optimizer name")
     g.add_argument("--space", help="coefficient space: full | affine | grouped:G")
     g.add_argument("--bound", type=float, help="coefficients are searched in [-bound, bound]")
-    g.add_argument("--ema", type=lambda s: [float(b) for b in s.split(",")], default=[0.99, 0.999, 0.9999],
-                   help="EMA decays (per training iteration) used as baselines, comma separated")
+    g.add_argument("--ema", type=lambda s: [float(b) for b in s.split(",")],
+                   help="EMA decays (per training iteration) used as baselines, comma separated; pick rates whose "
+                   "half-life fits inside the checkpoint window")
     g.add_argument("--top-k", type=int, help="search finalists re-scored on held-out noise")
     g.add_argument("--seed", type=int, default=0, help="optimizer seed")
     g = parser.add_argument_group("where and on what")
