@@ -31,14 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "in the inputs' format, with a JSON sidecar of the coefficients.")
     parser.add_argument("checkpoint_dir", help="folder holding the run's checkpoints (files with a step number "
                         "in the name, or checkpoint-<step>/ sub-folders)")
-    parser.add_argument("--pattern", help=r"regular expression matched against whole file/folder names, with a "
+    parser.add_argument("--ckpt-pattern", help=r"regular expression matched against whole file/folder names, with a "
                         r"group for the step, e.g. 'model_(?P<step>\d+)\.pt' (default: last number in the name)")
     parser.add_argument("--ckpt-key", help="key of the state dict inside .pt files holding several entries "
                         "(model, ema, ...); nested keys as a/b")
     parser.add_argument("--window", type=int, help="keep checkpoints from the last WINDOW training iterations")
     parser.add_argument("--interval", type=int, default=1,
                         help="keep every INTERVAL-th saved checkpoint, counted back from the newest (default 1)")
-    parser.add_argument("--max-count", type=int, help="then keep at most the newest MAX_COUNT checkpoints")
+    parser.add_argument("--max-checkpoints", type=int, help="then keep at most the newest N checkpoints")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--profile", help="baseline coefficients: newest, uniform or ema_<decay> (e.g. ema_0.999)")
     source.add_argument("--coefficients", help="coefficients as a comma list ('0.2,0.3,0.5') or a JSON file "
@@ -64,7 +64,7 @@ def read_coefficients(text: str, steps: list[int]) -> np.ndarray:
         if isinstance(loaded, dict):
             if loaded.get("steps") is not None and list(loaded["steps"]) != steps:
                 raise LcscError(f"--coefficients {path}: written for steps {loaded['steps']} but the selection is "
-                                f"{steps}; select the same checkpoints (--window/--interval/--max-count)")
+                                f"{steps}; select the same checkpoints (--window/--interval/--max-checkpoints)")
             loaded = loaded.get("coefficients", loaded.get("alpha"))
         values = loaded
     else:
@@ -80,8 +80,8 @@ def read_coefficients(text: str, steps: list[int]) -> np.ndarray:
 
 def main() -> None:
     args = build_parser().parse_args()
-    files = select_checkpoints(discover_checkpoints(args.checkpoint_dir, args.pattern), window=args.window,
-                               interval=args.interval, max_count=args.max_count)
+    files = select_checkpoints(discover_checkpoints(args.checkpoint_dir, args.ckpt_pattern), window=args.window,
+                               interval=args.interval, max_count=args.max_checkpoints)
     steps = [f.step for f in files]
     print(f"selected {len(files)} checkpoints, steps: {', '.join(map(str, steps))}")
     if args.profile is None and args.coefficients is None:

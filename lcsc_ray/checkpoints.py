@@ -4,7 +4,7 @@ Supported layouts (LCSC-NOTES section 1: the inputs are the checkpoints θ₁…
 steps n₁ < … < n_K):
 - files `<name><step>.{safetensors,pt,pth,bin,ckpt}` in one folder (`model_0040000.safetensors`,
   `model_040000.pt`, `ckpt_800000.pth`, OpenAI's `ema_0.9999_800000.pt`): the step is the last run of
-  digits in the file name, or the `step` group of the user's `--pattern`;
+  digits in the file name, or the `step` group of the user's `--ckpt-pattern`;
 - sub-folders `checkpoint-<step>/` holding one weights file (`model.safetensors`, `pytorch_model.bin`, ...).
 
 Loading never unpickles arbitrary objects: safetensors, or `torch.load(weights_only=True)` (LCSC-NOTES,
@@ -93,10 +93,10 @@ def _compile_pattern(pattern: str | None) -> re.Pattern[str] | None:
     try:
         compiled = re.compile(pattern)
     except re.error as error:
-        raise LcscError(f"--pattern {pattern!r} is not a valid regular expression ({error}); "
+        raise LcscError(f"--ckpt-pattern {pattern!r} is not a valid regular expression ({error}); "
                         r"example: 'model_(?P<step>\d+)\.pt'") from error
     if compiled.groups < 1:
-        raise LcscError(f"--pattern {pattern!r} has no group for the step; "
+        raise LcscError(f"--ckpt-pattern {pattern!r} has no group for the step; "
                         r"add one, e.g. 'model_(?P<step>\d+)\.pt'")
     return compiled
 
@@ -142,12 +142,12 @@ def discover_checkpoints(directory: str | Path, pattern: str | None = None) -> l
             continue
         if candidate.step in found:
             raise LcscError(f"{root}: step {candidate.step} appears twice ({found[candidate.step].path.name} "
-                            f"and {candidate.path.name}); pass --pattern to pick one kind of file, "
+                            f"and {candidate.path.name}); pass --ckpt-pattern to pick one kind of file, "
                             r"e.g. 'model_(?P<step>\d+)\.pt'")
         found[candidate.step] = candidate
     if not found:
         hint = " (a checkpoints/ sub-folder exists: pass that)" if (root / "checkpoints").is_dir() else ""
-        what = f"matching --pattern {pattern!r}" if pattern else "(.safetensors/.pt/.pth/.bin/.ckpt files or " \
+        what = f"matching --ckpt-pattern {pattern!r}" if pattern else "(.safetensors/.pt/.pth/.bin/.ckpt files or " \
                                                                  "checkpoint-<step>/ folders with a step number)"
         raise LcscError(f"{root}: no checkpoints {what}{hint}")
     return [found[step] for step in sorted(found)]
@@ -162,7 +162,7 @@ def select_checkpoints(files: Sequence[CheckpointFile], *, window: int | None = 
     `interval`-th saved checkpoint counted back from the newest (so the newest is always kept);
     max_count: then keep the newest `max_count`. Returns the selection sorted by step.
     """
-    for flag, value in (("--window", window), ("--interval", interval), ("--max-count", max_count)):
+    for flag, value in (("--window", window), ("--interval", interval), ("--max-checkpoints", max_count)):
         if value is not None and value < 1:
             raise LcscError(f"{flag} must be a positive integer, got {value}")
     chosen = sorted(files, key=lambda f: f.step)
@@ -254,7 +254,7 @@ def load_checkpoint(file: CheckpointFile, ckpt_key: str | None = None) -> Loaded
     for name, tensor in loaded.state_dict.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise LcscError(f"{file.path}: tensor {name!r} holds NaN or Inf; the run diverged at step "
-                            f"{file.step}: leave it out (--window/--max-count) or fix the run")
+                            f"{file.step}: leave it out (--window/--max-checkpoints) or fix the run")
     return loaded
 
 

@@ -85,7 +85,7 @@ def load_run(run_dir: str | Path) -> RunInfo:
     run_dir = Path(run_dir).expanduser().resolve()
     path = run_dir / RUN_JSON
     if not path.is_file():
-        raise LcscError(f"{path}: not found; point --run at a folder written by launch/train_cm.py or train_dm.py")
+        raise LcscError(f"{path}: not found; --ckpt-dir must be a training run folder (run.json + checkpoints/), as written by launch/train_cm.py or train_dm.py")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

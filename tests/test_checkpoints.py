@@ -33,7 +33,7 @@ def test_discover_openai_names_and_user_pattern(tmp_path):
         torch.save(state, tmp_path / f"model{step:06d}.pt")
         torch.save(state, tmp_path / f"ema_0.9999_{step:06d}.pt")
     (tmp_path / "progress.csv").write_text("x")
-    with pytest.raises(LcscError, match=r"step 10000 appears twice .*--pattern"):
+    with pytest.raises(LcscError, match=r"step 10000 appears twice .*--ckpt-pattern"):
         discover_checkpoints(tmp_path)
     files = discover_checkpoints(tmp_path, pattern=r"ema_0\.9999_(?P<step>\d+)\.pt")
     assert [(f.path.name, f.step) for f in files] == [("ema_0.9999_010000.pt", 10000), ("ema_0.9999_020000.pt", 20000)]
@@ -41,7 +41,7 @@ def test_discover_openai_names_and_user_pattern(tmp_path):
         discover_checkpoints(tmp_path, pattern=r"model\d+\.pt")
     with pytest.raises(LcscError, match="not a valid regular expression"):
         discover_checkpoints(tmp_path, pattern=r"model(\d+")
-    with pytest.raises(LcscError, match="no checkpoints matching --pattern"):
+    with pytest.raises(LcscError, match="no checkpoints matching --ckpt-pattern"):
         discover_checkpoints(tmp_path, pattern=r"opt(\d+)\.pt")
 
 
@@ -62,7 +62,7 @@ def test_select_window_interval_max_count():
     assert pick(interval=3) == [100, 400, 700, 1000]  # newest always kept
     assert pick(window=500, interval=2, max_count=2) == [800, 1000]
     for flag, kwargs in (("--window", {"window": 0}), ("--interval", {"interval": 0}),
-                         ("--max-count", {"max_count": -1})):
+                         ("--max-checkpoints", {"max_count": -1})):
         with pytest.raises(LcscError, match=flag):
             select_checkpoints(files, **kwargs)
 
