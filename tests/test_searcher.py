@@ -6,6 +6,7 @@ The Ray tests share one local Ray session per module and score a cheap synthetic
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -18,10 +19,11 @@ import nevergrad as ng
 import numpy as np
 import pytest
 import ray
+from ray import tune
 
 from lcsc_ray.errors import LcscError
 from lcsc_ray.search.optimizers import build_optimizer
-from lcsc_ray.search.searcher import LcscNevergradSearch, decode_candidate, encode_value, load_searcher
+from lcsc_ray.search.searcher import LcscNevergradSearch, decode_candidate, load_searcher, save_candidate
 from lcsc_ray.search.tuner import run_search
 from search_spaces import build_space
 from search_synthetic import BASELINES, K, SPACE, TARGET, objective, slow_trainable, synthetic_trainable
@@ -98,21 +100,47 @@ def test_build_optimizer_names_and_guards(capsys):
 
 # ----------------------------------------------------------------------------- searcher without Ray
 
-def test_candidate_encoding_is_exact_and_checked():
+def test_candidate_store_is_exact_small_and_checked(tmp_path):
     value = np.random.default_rng(0).normal(size=400)
-    config = {"lcsc_value": encode_value(value), "lcsc_label": "search", "lcsc_index": 3}
-    decoded, label = decode_candidate(config)
-    assert np.array_equal(decoded, value) and label == "search"
-    assert len(config["lcsc_value"]) < 400 * 8 * 1.4  # ~4.3 KB, not a 48 KB array repr
-    with pytest.raises(LcscError, match="lcsc_value"):
+    config = save_candidate(tmp_path / "candidates", 3, "search", value)
+    decoded, label = decode_candidate(json.loads(json.dumps(config)))  # the config survives Ray's JSON state
+    assert np.array_equal(decoded, value) and decoded.dtype == np.float64 and label == "search"
+    assert config["lcsc_index"] == 3 and Path(config["lcsc_candidate"]).parent == (tmp_path / "candidates").resolve()
+    # the config names the value, it does not hold it: the same size at K=400 as at K=2
+    small = save_candidate(tmp_path / "candidates", 4, "search", value[:2])
+    assert len(json.dumps(config)) == len(json.dumps(small)) < len(str(tmp_path)) + 120
+    with pytest.raises(LcscError, match="lcsc_candidate"):
         decode_candidate({"alpha": value})
 
 
-def _searcher(seed: int = 0, max_concurrent: int = 2) -> tuple[LcscNevergradSearch, object]:
+def test_candidate_store_damage_is_a_clear_error(tmp_path):
+    value = np.linspace(-1.0, 1.0, 400)
+    config = save_candidate(tmp_path / "candidates", 0, "search", value)
+    path = Path(config["lcsc_candidate"])
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(LcscError, match="unreadable.*damaged"):
+        decode_candidate(config)
+    np.save(path, value[::-1].copy())  # a readable file holding another value
+    with pytest.raises(LcscError, match="does not hold.*damaged"):
+        decode_candidate(config)
+    np.save(path, value.astype(np.float32))  # the right numbers in the wrong dtype
+    with pytest.raises(LcscError, match="does not hold"):
+        decode_candidate(config)
+    path.write_bytes(pickle.dumps(value))  # never unpickled
+    with pytest.raises(LcscError, match="unreadable"):
+        decode_candidate(config)
+    path.unlink()
+    with pytest.raises(LcscError, match="is missing.*every node"):
+        decode_candidate(config)
+
+
+def _searcher(experiment_dir, seed: int = 0, max_concurrent: int = 2) -> tuple[LcscNevergradSearch, object]:
     space = _space()
     optimizer = build_optimizer("lcsc-es", space.parametrization(), budget=50, num_workers=max_concurrent, seed=seed)
     warm = [(name, space.to_value(alpha)) for name, alpha in BASELINES.items()]
-    return LcscNevergradSearch(optimizer, warm_start=warm, max_concurrent=max_concurrent), space
+    searcher = LcscNevergradSearch(optimizer, experiment_dir=experiment_dir, warm_start=warm,
+                                   max_concurrent=max_concurrent)
+    return searcher, space
 
 
 def _complete(searcher, space, trial_id, config):
@@ -122,12 +150,13 @@ def _complete(searcher, space, trial_id, config):
     return score
 
 
-def test_searcher_hands_out_baselines_first_and_tells_them_as_not_asked():
-    searcher, space = _searcher()
+def test_searcher_hands_out_baselines_first_and_tells_them_as_not_asked(tmp_path):
+    searcher, space = _searcher(tmp_path)
     first, second = searcher.suggest("t0"), searcher.suggest("t1")
     assert searcher.suggest("t2") is None  # concurrency from the searcher's own live map
     assert (first["lcsc_label"], second["lcsc_label"]) == ("baseline:newest", "baseline:uniform")
     assert np.allclose(space.to_coefficients(decode_candidate(first)[0]), BASELINES["newest"])
+    assert Path(first["lcsc_candidate"]).parent == tmp_path.resolve() / "candidates"
     _complete(searcher, space, "t0", first)
     _complete(searcher, space, "t1", second)
     assert searcher.optimizer.num_tell == 2 and searcher.optimizer.num_tell_not_asked == 2
@@ -136,34 +165,39 @@ def test_searcher_hands_out_baselines_first_and_tells_them_as_not_asked():
     assert searcher.optimizer.num_tell == 2 and searcher.suggest("t3") is not None
 
 
-def test_searcher_tells_unknown_trials_rebuilt_from_their_config():
-    searcher, space = _searcher()
-    stranger = {"lcsc_value": encode_value(space.to_value(TARGET)), "lcsc_label": "search", "lcsc_index": 9}
+def test_searcher_tells_unknown_trials_rebuilt_from_their_config(tmp_path):
+    searcher, space = _searcher(tmp_path)
+    stranger = save_candidate(tmp_path / "candidates", 9, "search", space.to_value(TARGET))
     _complete(searcher, space, "never-suggested", stranger)
     assert searcher.optimizer.num_tell == 1 and searcher.told == [(9, "search", 0.0)]
     assert searcher.optimizer.population[0][0] == 0.0
+    # Tune hands over a flattened result when it stops a trial itself
+    flat = save_candidate(tmp_path / "candidates", 10, "search", space.to_value(BASELINES["uniform"]))
+    searcher.on_trial_complete("also-unknown", {"score": 1.0, **{f"config/{k}": v for k, v in flat.items()}})
+    assert searcher.told[-1] == (10, "search", 1.0) and searcher.optimizer.num_tell == 2
 
 
 def test_searcher_save_restore_continues_identically(tmp_path):
-    searcher, space = _searcher(seed=4)
+    searcher, space = _searcher(tmp_path / "exp", seed=4)
     for i in range(6):
         _complete(searcher, space, f"t{i}", searcher.suggest(f"t{i}"))
     searcher.save(str(tmp_path / "state.pkl"))
-    restored, _ = _searcher(seed=99)  # another seed: everything must come from the file
+    restored, _ = _searcher(tmp_path / "other", seed=99)  # another seed and folder: all must come from the file
     restored.restore(str(tmp_path / "state.pkl"))
     for i in range(8):
         original, copy = searcher.suggest(f"n{i}"), restored.suggest(f"n{i}")
-        assert original == copy
+        assert original == copy  # same index, label and candidate file (in the original store)
         _complete(searcher, space, f"n{i}", original)
         _complete(restored, space, f"n{i}", copy)
     assert searcher.told == restored.told
+    assert not (tmp_path / "other").exists() and len(list((tmp_path / "exp" / "candidates").iterdir())) == 14
 
 
 def test_restored_in_flight_trials_are_told_but_do_not_block_new_ones(tmp_path):
-    searcher, space = _searcher(max_concurrent=1)
+    searcher, space = _searcher(tmp_path, max_concurrent=1)
     in_flight = searcher.suggest("old")
     searcher.save(str(tmp_path / "state.pkl"))
-    restored, _ = _searcher(max_concurrent=1)
+    restored, _ = _searcher(tmp_path, max_concurrent=1)
     restored.restore(str(tmp_path / "state.pkl"))
     fresh = restored.suggest("new")  # a stale entry must not hang the search at max_concurrent
     assert fresh is not None and fresh["lcsc_label"] == "baseline:uniform"
@@ -229,6 +263,36 @@ def test_resume_refuses_a_corrupt_experiment_state(local_ray, tmp_path):
         state.write_text("{truncated")
     with pytest.raises(LcscError, match="corrupt"):
         _search(tmp_path, "damaged", num_trials=3, resume=True)
+
+
+LARGE_K = 400
+
+
+def large_k_trainable(config: dict) -> None:
+    """‖value‖² of a K=400 candidate: cheap, and any K works (search_synthetic's objective is fixed at K=6)."""
+    value, label = decode_candidate(config)
+    tune.report({"score": float(np.sum(value ** 2)), "label": label, "failed": False})
+
+
+def test_experiment_state_stays_small_at_large_k(local_ray, tmp_path):
+    # Ray keeps ~6 copies of each trial's config in experiment_state-*.json and rewrites it at every experiment
+    # checkpoint; with the value in the config (base64) this search measured 36 KB per trial. Now the config is
+    # one path, and what is left (~11 KB) is Ray's own bookkeeping, measured the same at K=6 (metric windows,
+    # pickled storage context, checkpoint manager).
+    num_trials = 10
+    table = run_search(
+        large_k_trainable, build_space("affine", LARGE_K), optimizer="lcsc-es", num_trials=num_trials, seed=0,
+        warm_start={"newest": np.eye(LARGE_K)[-1], "uniform": np.full(LARGE_K, 1.0 / LARGE_K)},
+        storage=tmp_path, name="large_k", max_concurrent=2, resources={"cpu": 1}, progress=False,
+    )
+    assert len(table.rows) == num_trials and table.num_errored == 0 and len(table.told) == num_trials
+    state = max((tmp_path / "large_k").glob("experiment_state-*.json"))  # names sort by time
+    per_trial = state.stat().st_size / num_trials
+    print(f"experiment state at K={LARGE_K}: {per_trial:.0f} bytes per trial")
+    assert per_trial < 16_000
+    assert np.allclose(table.baselines()["uniform"].alpha, 1.0 / LARGE_K)
+    assert all(row.score == pytest.approx(float(np.sum(row.value ** 2))) for row in table.rows)
+    assert len(list((tmp_path / "large_k" / "candidates").glob("*.npy"))) == num_trials
 
 
 def _completed_before_kill(exp_dir: Path) -> dict[str, float]:

@@ -178,8 +178,8 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
     files = select_checkpoints(discover_checkpoints(ckpt_dir, args.ckpt_pattern), window=args.window,
                                interval=args.interval or 1, max_count=args.max_checkpoints)
     steps = [f.step for f in files]
-    print(f"checkpoints: {len(files)} from {ckpt_dir} (steps {steps[0]}..{steps[-1]}: "
-          f"{', '.join(map(str, steps[:4]))}{', ...' if len(steps) > 6 else ''}{', '.join([''] + list(map(str, steps[-2:]))) if len(steps) > 4 else ''})")
+    shown = steps if len(steps) <= 8 else [*steps[:4], "...", *steps[-3:]]
+    print(f"checkpoints: {len(files)} from {ckpt_dir}, steps {', '.join(map(str, shown))}")
 
     ref_stats = Path(args.ref_stats).expanduser().resolve() if args.ref_stats else \
         ensure_reference_stats(run.config["data"], args.extractor, inception_weights=args.inception_weights)
@@ -249,14 +249,14 @@ def finish(args: argparse.Namespace, table: ResultTable, baselines: dict[str, np
     heldout_seed = args.noise_seed + HELDOUT_SEED_OFFSET
     task = _heldout_score.options(num_cpus=args.cpus_per_trial, num_gpus=args.gpus_per_trial or 0)
     print(f"held-out scoring: {len(candidates)} candidates x {args.final_samples} samples (noise seed {heldout_seed})")
-    results = ray.get([task.remote(spec, payload, c.alpha, heldout_seed, args.final_samples) for c in candidates])
-    for candidate, result in zip(candidates, results):
+    heldout = ray.get([task.remote(spec, payload, c.alpha, heldout_seed, args.final_samples) for c in candidates])
+    for candidate, result in zip(candidates, heldout):
         candidate.heldout_score, candidate.timings = result["score"], result["timings"]
     lcsc = [c for c in candidates if c.kind == "lcsc"]
     winner = min(lcsc, key=lambda c: c.heldout_score)
     winner.name = "LCSC winner"
     rows = [c for c in candidates if c.kind == "baseline"] + [winner] + [c for c in lcsc if c is not winner]
-    metric_name = results[0]["metric_name"]
+    metric_name = heldout[0]["metric_name"]
     print(format_table(rows, metric_name, search_samples=args.fid_samples, final_samples=args.final_samples))
     beaten = [c.name for c in candidates if c.kind == "baseline" and winner.heldout_score < c.heldout_score]
     print(f"LCSC winner beats {len(beaten)}/{len(baselines)} baselines on held-out noise"
