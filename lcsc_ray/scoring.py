@@ -24,6 +24,7 @@ from lcsc_ray.reference_stats import load_reference_stats
 from lcsc_ray.run_folder import load_run
 from lcsc_ray.sampling import build_sampler, generate_batches
 from lcsc_ray.stack import CheckpointStack
+from lcsc_ray.training.preview import write_sample_grid
 
 STACK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,7 +83,8 @@ class CandidateScorer:
         reference = load_reference_stats(spec.reference_stats, extractor=extractor.name, dim=extractor.dim)
         self.evaluator = Evaluator(extractor, reference, device=self.device)
         self.metric_name = extractor.metric_name
-        self.image_shape = tuple(run.config["image_shape"])
+        self.run = run
+        self.image_shape = run.image_shape
 
     def score(self, alpha: Sequence[float] | np.ndarray, *, seed: int, num_samples: int) -> EvalResult:
         """Merge α into the resident model, sample `num_samples` images from `seed`'s fixed noise, return
@@ -97,6 +99,11 @@ class CandidateScorer:
         result = self.evaluator.evaluate(batches)
         result.timings["merge"] = merge_seconds
         return result
+
+    def write_samples(self, alpha: Sequence[float] | np.ndarray, path: Path, *, seed: int, count: int = 100) -> Path:
+        """A PNG grid of `count` samples of the model merged with α, drawn with the search's sampler."""
+        self.stack.merge_into(self.net, np.asarray(alpha, dtype=np.float64))
+        return write_sample_grid(self.run, self.net, path, count=count, seed=seed, sampler=self.sampler)
 
 
 _SCORERS: dict[str, CandidateScorer] = {}

@@ -162,9 +162,15 @@ def _heldout_score(spec: ScoringSpec, payload: dict | None, alpha: np.ndarray, s
 
 
 @ray.remote
-def _export(spec: ScoringSpec, payload: dict | None, alpha: np.ndarray, out_path: str, metrics: dict) -> str:
-    """Export the merged winner where the stack already lives (a worker), in the inputs' format."""
-    return str(export_merged(cached_scorer(spec, payload).stack, alpha, out_path, metrics=metrics))
+def _export(spec: ScoringSpec, payload: dict | None, alpha: np.ndarray, out_path: str, metrics: dict,
+            grids: dict[str, np.ndarray], seed: int) -> str:
+    """Export the merged winner where the stack already lives (a worker), in the inputs' format, and write
+    a sample grid (held-out noise) for each profile in `grids` next to it, so the gain can be seen."""
+    scorer = cached_scorer(spec, payload)
+    exported = export_merged(scorer.stack, alpha, out_path, metrics=metrics)
+    for name, grid_alpha in grids.items():
+        scorer.write_samples(grid_alpha, Path(out_path).parent / f"samples_{name}.png", seed=seed)
+    return str(exported)
 
 
 def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
@@ -244,7 +250,7 @@ def finish(args: argparse.Namespace, table: ResultTable, baselines: dict[str, np
     searched_baselines = table.baselines()
     candidates = [ScoredCandidate(name, "baseline", alpha, searched_baselines[name].score if name in searched_baselines else None)
                   for name, alpha in baselines.items()]
-    candidates += [ScoredCandidate(f"lcsc #{i + 1} (trial {row.index})", "lcsc", row.alpha, row.score, trial=row.index)
+    candidates += [ScoredCandidate(f"search rank {i + 1} (trial {row.index})", "lcsc", row.alpha, row.score, trial=row.index)
                    for i, row in enumerate(finalists)]
     heldout_seed = args.noise_seed + HELDOUT_SEED_OFFSET
     task = _heldout_score.options(num_cpus=args.cpus_per_trial, num_gpus=args.gpus_per_trial or 0)
@@ -254,7 +260,7 @@ def finish(args: argparse.Namespace, table: ResultTable, baselines: dict[str, np
         candidate.heldout_score, candidate.timings = result["score"], result["timings"]
     lcsc = [c for c in candidates if c.kind == "lcsc"]
     winner = min(lcsc, key=lambda c: c.heldout_score)
-    winner.name = "LCSC winner"
+    winner.name = f"LCSC winner (trial {winner.trial})"
     rows = [c for c in candidates if c.kind == "baseline"] + [winner] + [c for c in lcsc if c is not winner]
     metric_name = heldout[0]["metric_name"]
     print(format_table(rows, metric_name, search_samples=args.fid_samples, final_samples=args.final_samples))
@@ -264,8 +270,11 @@ def finish(args: argparse.Namespace, table: ResultTable, baselines: dict[str, np
 
     output.mkdir(parents=True, exist_ok=True)
     merged_name = "lcsc_merged" + spec.files[-1].path.suffix if spec.files[-1].path.is_file() else "lcsc_merged"
+    best_baseline = min((c for c in candidates if c.kind == "baseline"), key=lambda c: c.heldout_score)
+    grids = {"lcsc_winner": winner.alpha, "newest": baselines["newest"],
+             f"best_baseline_{best_baseline.name}": best_baseline.alpha}
     exported = ray.get(_export.options(num_cpus=args.cpus_per_trial).remote(
-        spec, payload, winner.alpha, str(output / merged_name), {metric_name: winner.heldout_score}))
+        spec, payload, winner.alpha, str(output / merged_name), {metric_name: winner.heldout_score}, grids, heldout_seed))
     final_seconds = time.perf_counter() - started
     stage_times = _median_stage_times(table)
     results = {
@@ -291,7 +300,7 @@ def finish(args: argparse.Namespace, table: ResultTable, baselines: dict[str, np
                      penalty=PENALTY_SCORE, baselines={n: r.score for n, r in searched_baselines.items()})
     plot_coefficients(output / "coefficients_vs_step.png", steps,
                       {"LCSC winner": winner.alpha, **{n: a for n, a in baselines.items() if n.startswith("ema")}})
-    print(f"results: {output / 'results.json'}; merged checkpoint: {exported}; plots in {output}")
+    print(f"results: {output / 'results.json'}; merged checkpoint: {exported}; plots and sample grids in {output}")
     return results
 
 

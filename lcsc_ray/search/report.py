@@ -29,7 +29,7 @@ class ScoredCandidate:
 
 def format_table(rows: Sequence[ScoredCandidate], metric_name: str, *, search_samples: int, final_samples: int) -> str:
     """Plain-text table: one line per candidate, the winner marked, best held-out score first among LCSC."""
-    header = f"{'candidate':<22} {'search ' + metric_name:>20} {'held-out ' + metric_name:>22}"
+    header = f"{'candidate':<30} {'search ' + metric_name:>20} {'held-out ' + metric_name:>22}"
     lines = [
         f"search score: {search_samples} samples, search noise seed; "
         f"held-out score: {final_samples} samples, a different noise seed",
@@ -39,7 +39,7 @@ def format_table(rows: Sequence[ScoredCandidate], metric_name: str, *, search_sa
     for row in rows:
         search = "-" if row.search_score is None else f"{row.search_score:.4f}"
         heldout = "-" if row.heldout_score is None else f"{row.heldout_score:.4f}"
-        lines.append(f"{row.name:<22} {search:>20} {heldout:>22}")
+        lines.append(f"{row.name:<30} {search:>20} {heldout:>22}")
     return "\n".join(lines)
 
 
