@@ -1,14 +1,18 @@
 """Connect to Ray: a local cluster with the dashboard on loopback by default, or an existing cluster.
 
-The dashboard has no authentication of its own beyond Ray's token, so it binds to 127.0.0.1 unless the
-user asks for another host, and then we say loudly that anyone who can reach the port can control Ray.
+The dashboard can submit jobs, i.e. run code on the machine, and has no user accounts: its only guard is
+Ray's token (on by default for new local clusters in Ray 2.60, off with `RAY_AUTH_MODE=disabled`). So it binds
+to 127.0.0.1 unless the user asks for another host, and then we say loudly who can reach it. With token
+authentication on, the page first asks for the token; we print where to get it next to the URL.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import sys
+import urllib.request
 from pathlib import Path
 
 import ray
@@ -58,7 +62,8 @@ def start_ray(
         if dashboard and not is_loopback(dashboard_host):
             print(
                 f"warning: the Ray dashboard will listen on {dashboard_host}:{dashboard_port}; it has no user "
-                "accounts, so anyone who can reach that port can submit jobs to this machine",
+                "accounts, so anyone who can reach that port (and, unless RAY_AUTH_MODE=disabled, holds the Ray "
+                "token) can submit jobs to this machine",
                 file=sys.stderr,
             )
         context = ray.init(
@@ -72,4 +77,18 @@ def start_ray(
     url = context.dashboard_url or None
     if url and not url.startswith("http"):
         url = f"http://{url}"
+    if url and dashboard_auth_mode(url) == "token" and not quiet:
+        print("note: token authentication is on; the Ray dashboard page asks for the token: paste the output "
+              "of `ray get-auth-token` (the file ~/.ray/auth_token on the head node); REST calls need the header "
+              "'Authorization: Bearer <token>'")
     return url
+
+
+def dashboard_auth_mode(url: str, timeout: float = 5.0) -> str | None:
+    """The dashboard's authentication mode ('token' or 'disabled'), from the one endpoint Ray serves without
+    a token (`/api/authentication_mode`); None when the dashboard does not answer."""
+    try:
+        with urllib.request.urlopen(f"{url}/api/authentication_mode", timeout=timeout) as response:
+            return json.loads(response.read()).get("authentication_mode")
+    except (OSError, ValueError):
+        return None

@@ -8,12 +8,19 @@ stop switch for input errors.
   appear in the dashboard's Metrics tab once Prometheus and Grafana are set up (Ray writes their configs
   under the session folder, /tmp/ray/session_latest/metrics).
 - A trial that raises `LcscError` (a missing or corrupt checkpoint, wrong statistics) is not the
-  candidate's fault; `InputErrorStopper` then stops the whole experiment so the driver can print the
-  message, and the user fixes the input and continues with `--resume`.
+  candidate's fault; the monitor then interrupts the experiment the way Ctrl+C does (Tune's SIGUSR1
+  handler: it leaves the loop, saves the experiment state and returns), so the driver prints the message
+  and the user fixes the input and continues with `--resume`. A `tune.Stopper` is no use here (Ray 2.60):
+  `stop_all()` marks the search generator finished and the running trials TERMINATED without a score, and
+  the stopper itself is pickled into the experiment state, so a resumed run would stop at once, start no
+  new trial and never re-run the stopped ones.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 
 from ray import tune
@@ -31,6 +38,7 @@ class SearchMonitor(tune.Callback):
         self.experiment, self.num_trials, self.metric = experiment, num_trials, metric
         self.print_every_s, self.penalty, self.echo = print_every_s, penalty, echo
         self.input_error: str | None = None
+        self.unfinished: int | None = None  # trials neither completed nor errored when the run ended
         self._started = time.monotonic()
         self._done_at_start: int | None = None
         self._last_print = 0.0
@@ -38,7 +46,8 @@ class SearchMonitor(tune.Callback):
 
     def __getstate__(self) -> dict:
         """Tune pickles its run config (tuner.pkl); metric handles and clocks belong to one process."""
-        return {**self.__dict__, "_metrics": None, "_done_at_start": None, "_started": time.monotonic()}
+        return {**self.__dict__, "_metrics": None, "_done_at_start": None, "_started": time.monotonic(),
+                "input_error": None, "unfinished": None}
 
     def metrics(self) -> tuple[metrics.Gauge, metrics.Gauge, metrics.Histogram]:
         """(best score gauge, completed trials gauge, stage seconds histogram), created on first use."""
@@ -91,21 +100,37 @@ class SearchMonitor(tune.Callback):
                   f"ETA {eta_text}", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        error = trial.get_error()
-        text = str(error) if error is not None else ""
-        if "LcscError" in text:
-            lines = [line for line in text.splitlines() if "LcscError" in line]
-            self.input_error = lines[-1].split("LcscError:", 1)[-1].strip() if lines else text.strip()
+        """Called once a trial has used up its `FailureConfig` retries. An `LcscError` is an input problem:
+        interrupt the run so it stays resumable (module docstring); other errors only lose that trial."""
+        message = input_error_message(trial)
+        if message is not None:
+            self.input_error = message
+            interrupt_tune_run()
+
+    def on_experiment_end(self, trials: list[Trial], **info) -> None:
+        self.unfinished = sum(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials)
 
 
-class InputErrorStopper(tune.Stopper):
-    """Stops every trial once the monitor has seen an input error (see module docstring)."""
+def input_error_message(trial: Trial) -> str | None:
+    """The `LcscError` message of the trial's latest failure, or None when it failed otherwise.
 
-    def __init__(self, monitor: SearchMonitor) -> None:
-        self.monitor = monitor
+    Read from the driver's own copy of the trial's error file (`trial.error_file`, written just before the
+    callback runs), not `trial.get_error()`: that reads the copy in the experiment storage, which Tune
+    syncs later and which, on a resumed run, still holds the failures of the previous run (the file is
+    appended to, one `Failure # n` section per failure)."""
+    path = trial.error_file
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        latest = handle.read().rsplit("Failure # ", 1)[-1]
+    lines = [line for line in latest.splitlines() if "LcscError:" in line]
+    return lines[-1].split("LcscError:", 1)[1].strip() if lines else None
 
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        return False
 
-    def stop_all(self) -> bool:
-        return self.monitor.input_error is not None
+def interrupt_tune_run() -> None:
+    """End the running `tune.run` loop as Ctrl+C would: Tune installs a SIGUSR1 handler in the driver's
+    main thread that sets its 'interrupted' event, saves the experiment state once more and returns the
+    results so far (Ray 2.60 `tune.tune._setup_signal_catching`). Callbacks run in that thread."""
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGUSR1)):
+        raise RuntimeError("the search must run in the main thread of the driver (Tune handles SIGUSR1 there)")
+    os.kill(os.getpid(), signal.SIGUSR1)

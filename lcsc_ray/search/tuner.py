@@ -10,6 +10,9 @@ searcher (optimizer state, pending warm starts, suggestion counter) and the tria
 the experiment files, so a restored search runs on to the original count and does not re-suggest
 baselines it already ran. Ray silently starts a fresh experiment when its state file is missing or
 corrupt (RAY-NOTES), so this module checks the files first and refuses with a message instead.
+A run that ends early (Ctrl+C, or the monitor's stop on an input error, both through Tune's signal
+handler, which saves the state once more) is reported as an `LcscError`/`input_error` with the resume command,
+never as a finished search.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from lcsc_ray.atomic import atomic_write_json
 from lcsc_ray.errors import LcscError
-from lcsc_ray.search.monitor import InputErrorStopper, SearchMonitor
+from lcsc_ray.search.monitor import SearchMonitor
 from lcsc_ray.search.optimizers import build_optimizer, resolve_optimizer_name
 from lcsc_ray.search.searcher import INDEX_KEY, LcscNevergradSearch, decode_candidate, load_searcher
 from search_spaces.spaces import CoefficientSpace
@@ -115,6 +118,20 @@ def _check_resumable(exp_dir: Path) -> dict[str, Any]:
         raise LcscError(f"{exp_dir / MANIFEST} is missing or corrupt; {remedy}") from None
 
 
+def check_experiment(storage: str | os.PathLike, name: str, *, resume: bool) -> dict[str, Any] | None:
+    """Check `--name` in `--storage` before anything expensive starts: a new search must not overwrite an
+    existing experiment, a resumed one must be restorable. Returns the manifest of the experiment to resume,
+    None for a new one."""
+    exp_dir = _experiment_dir(storage, name)
+    if resume:
+        return _check_resumable(exp_dir)
+    if exp_dir.exists() and any(exp_dir.iterdir()):
+        raise LcscError(
+            f"experiment {name} exists in {exp_dir.parent}; pass --resume to continue or choose another --name"
+        )
+    return None
+
+
 def run_search(
     trainable: Callable | type,
     space: CoefficientSpace,
@@ -142,9 +159,9 @@ def run_search(
     (or is started locally by Tune).
     """
     exp_dir = _experiment_dir(storage, name)
+    manifest = check_experiment(storage, name, resume=resume)
     wrapped = tune.with_resources(trainable, resources) if resources else trainable
-    if resume:
-        manifest = _check_resumable(exp_dir)
+    if manifest is not None:
         if (manifest["space"], manifest["num_checkpoints"]) != (space.name, space.num_checkpoints):
             raise LcscError(
                 f"experiment {name} searched --space {manifest['space']} over {manifest['num_checkpoints']} "
@@ -153,13 +170,10 @@ def run_search(
         if manifest["num_trials"] != num_trials:
             print(f"note: resuming {name} to its original budget of {manifest['num_trials']} trials")
         tuner = tune.Tuner.restore(str(exp_dir), wrapped, resume_unfinished=True, resume_errored=True)
-        monitor = _attach_monitor(tuner, name, manifest["num_trials"], metric, penalty, progress)
+        budget = manifest["num_trials"]
+        monitor = _attach_monitor(tuner, name, budget, metric, penalty, progress)
         grid = tuner.fit()
     else:
-        if exp_dir.exists() and any(exp_dir.iterdir()):
-            raise LcscError(
-                f"experiment {name} exists in {exp_dir.parent}; pass --resume to continue or choose another --name"
-            )
         if num_trials < 1:
             raise LcscError(f"--num-trials must be at least 1, got {num_trials}")
         warm = list((warm_start or {}).items())
@@ -170,6 +184,7 @@ def run_search(
         )
         searcher = LcscNevergradSearch(
             opt,
+            experiment_dir=exp_dir,
             warm_start=[(label, space.to_value(alpha)) for label, alpha in warm],
             metric=metric,
             mode="min",
@@ -189,24 +204,29 @@ def run_search(
             run_config=tune.RunConfig(
                 name=name, storage_path=str(exp_dir.parent),
                 failure_config=tune.FailureConfig(max_failures=max_failures),
+                # A class trainable would be checkpointed at its end by default; ours has nothing to save.
+                checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
                 verbose=0,
             ),
         )
-        monitor = _attach_monitor(tuner, name, num_trials, metric, penalty, progress)
+        budget = num_trials
+        monitor = _attach_monitor(tuner, name, budget, metric, penalty, progress)
         grid = tuner.fit()
     table = collect_results(grid, space, metric=metric, experiment_path=exp_dir)
     table.input_error = monitor.input_error
+    if not table.input_error and monitor.unfinished:
+        raise LcscError(f"search {name} was interrupted with {len(table.rows)} of {budget} trials completed; "
+                        f"continue it with --resume --name {name} --storage {exp_dir.parent}")
     return table
 
 
 def _attach_monitor(tuner: tune.Tuner, name: str, num_trials: int, metric: str, penalty: float,
                     progress: bool) -> SearchMonitor:
-    """Give the run this process's monitor and stopper. A restored run's config comes from tuner.pkl, so
-    they are set on the tuner's run config rather than passed in, the same way for fresh and restored runs."""
+    """Give the run this process's monitor. A restored run's config comes from tuner.pkl, so it is set on
+    the tuner's run config rather than passed in, the same way for fresh and restored runs."""
     monitor = SearchMonitor(experiment=name, num_trials=num_trials, metric=metric, penalty=penalty, echo=progress)
     run_config = tuner._local_tuner.get_run_config()
     run_config.callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, SearchMonitor)] + [monitor]
-    run_config.stop = InputErrorStopper(monitor)
     return monitor
 
 
