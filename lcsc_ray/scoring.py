@@ -23,11 +23,8 @@ from lcsc_ray.noise import FixedNoise
 from lcsc_ray.reference_stats import load_reference_stats
 from lcsc_ray.run_folder import load_run
 from lcsc_ray.sampling import build_sampler, generate_batches
-from lcsc_ray.stack import CheckpointStack
+from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack, resolve_device
 from lcsc_ray.training.preview import write_sample_grid
-
-STACK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass(frozen=True)
 class ScoringSpec:
@@ -52,13 +49,6 @@ class ScoringSpec:
         return [f.step for f in self.files]
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` means the first CUDA device when Ray (or the user) made one visible, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class CandidateScorer:
     """Resident merge → sample → score pipeline for one training run (see module docstring)."""
 
@@ -75,7 +65,7 @@ class CandidateScorer:
                 list(spec.files),
                 ckpt_key=spec.ckpt_key,
                 device=self.device,
-                storage_dtype=STACK_DTYPES[spec.stack_dtype],
+                storage_dtype=STORAGE_DTYPES[spec.stack_dtype],
             )
         self.net = run.build_network().to(self.device).eval().requires_grad_(False)
         self.sampler = build_sampler(run, spec.sampler, **spec.sampler_options)

@@ -65,7 +65,10 @@ class _Binding:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """`device` as a torch.device, with a clear error when CUDA is asked for but not visible."""
+    """`device` as a torch.device, with a clear error when CUDA is asked for but not visible; `auto` is the
+    first CUDA device when one is visible (Ray makes a trial's GPUs visible), else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise LcscError(f"--device {device}: no CUDA device is visible; use --device cpu")

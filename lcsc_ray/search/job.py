@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from lcsc_ray.search.report import (ScoredCandidate, format_table, plot_best_so_
                                     write_results)
 from lcsc_ray.search.trial import PENALTY_SCORE, LcscTrial
 from lcsc_ray.search.tuner import ResultTable, check_experiment, run_search
+from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack
 from lcsc_ray.training.demo import ensure_demo_run
 from search_spaces import load_preset
 from search_spaces.spaces import build_space
@@ -58,7 +58,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--window", type=int, help="only checkpoints from the last WINDOW training iterations")
     g.add_argument("--interval", type=int, help="keep every INTERVAL-th saved checkpoint")
     g.add_argument("--max-checkpoints", type=int, help="keep at most this many (the newest)")
-    g.add_argument("--stack-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+    g.add_argument("--stack-dtype", choices=sorted(STORAGE_DTYPES), default="float32",
                    help="storage dtype of the stack (16-bit ones store differences from the newest checkpoint)")
     g.add_argument("--stack-via-object-store", action="store_true",
                    help="load the stack once in the driver and ship it to workers through Ray's object store")
@@ -210,7 +210,6 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
         print(f"Ray dashboard: {url}")
     payload = None
     if args.stack_via_object_store:
-        from lcsc_ray.stack import CheckpointStack
         payload = ray.put(CheckpointStack.from_files(files, ckpt_key=args.ckpt_key).to_payload())
 
     trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, seed=args.noise_seed,
