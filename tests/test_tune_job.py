@@ -52,14 +52,18 @@ def test_search_runs_the_budget_tells_baselines_and_exports_a_loadable_winner(lo
     assert len(winner["alpha"]) == len(winner["steps"]) == 12
     assert abs(sum(winner["alpha"]) - 1.0) < 1e-9  # the affine space keeps Σα = 1
     assert winner["heldout_score"] <= min(f["heldout_score"] for f in on_disk["finalists"])
-    # The exported merged checkpoint loads as a plain state dict with the run's keys and equals Σ αᵢ θᵢ.
-    merged = load_file(winner["checkpoint"])
+    # The export is the best held-out candidate of all (winner or baseline): a plain state dict with the
+    # run's keys equal to Σ αᵢ θᵢ.
+    exported = on_disk["exported"]
+    all_heldout = [winner["heldout_score"]] + [b["heldout_score"] for b in on_disk["baselines"].values()]
+    assert exported["heldout_score"] == min(all_heldout)
+    merged = load_file(exported["checkpoint"])
     files = discover_checkpoints(load_run(tiny_cm_run).checkpoint_dir)
-    reference = {k: sum(a * load_file(f.path)[k].double() for a, f in zip(winner["alpha"], files))
+    reference = {k: sum(a * load_file(f.path)[k].double() for a, f in zip(exported["alpha"], files))
                  for k in merged}
     for key, tensor in merged.items():
         assert np.allclose(tensor.double().numpy(), reference[key].numpy(), rtol=1e-5, atol=1e-6), key
-    sidecar = json.loads(Path(winner["checkpoint"] + ".json").read_text())
+    sidecar = json.loads(Path(exported["checkpoint"] + ".json").read_text())
     assert sidecar["steps"] == winner["steps"]
     for plot in ("best_score_vs_trial.png", "coefficients_vs_step.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -266,6 +266,12 @@ def finish(args: argparse.Namespace, table: ResultTable, baselines: dict[str, np
     beaten = [c.name for c in candidates if c.kind == "baseline" and winner.heldout_score < c.heldout_score]
     print(f"LCSC winner beats {len(beaten)}/{len(baselines)} baselines on held-out noise"
           + (f" (not: {', '.join(sorted(set(baselines) - set(beaten)))})" if len(beaten) < len(baselines) else ""))
+    # Export the best held-out candidate overall: a baseline when the search found nothing better, which the
+    # user must hear rather than receive a worse model labelled as the winner.
+    best = min(candidates, key=lambda c: c.heldout_score)
+    if best is not winner:
+        print(f"no searched candidate beat {best.name} on held-out noise: exporting {best.name} "
+              "(try more --num-trials, another --optimizer or --space)")
 
     output.mkdir(parents=True, exist_ok=True)
     merged_name = "lcsc_merged" + spec.files[-1].path.suffix if spec.files[-1].path.is_file() else "lcsc_merged"
@@ -273,7 +279,7 @@ def finish(args: argparse.Namespace, table: ResultTable, baselines: dict[str, np
     grids = {"lcsc_winner": winner.alpha, "newest": baselines["newest"],
              f"best_baseline_{best_baseline.name}": best_baseline.alpha}
     exported = ray.get(_export.options(num_cpus=args.cpus_per_trial).remote(
-        spec, payload, winner.alpha, str(output / merged_name), {metric_name: winner.heldout_score}, grids, heldout_seed))
+        spec, payload, best.alpha, str(output / merged_name), {metric_name: best.heldout_score}, grids, heldout_seed))
     final_seconds = time.perf_counter() - started
     stage_times = _median_stage_times(table)
     results = {
@@ -288,7 +294,9 @@ def finish(args: argparse.Namespace, table: ResultTable, baselines: dict[str, np
         "baselines": {c.name: {"alpha": c.alpha, "search_score": c.search_score, "heldout_score": c.heldout_score}
                       for c in candidates if c.kind == "baseline"},
         "winner": {"alpha": winner.alpha, "steps": steps, "trial": winner.trial, "search_score": winner.search_score,
-                   "heldout_score": winner.heldout_score, "beats": beaten, "checkpoint": exported},
+                   "heldout_score": winner.heldout_score, "beats": beaten},
+        "exported": {"name": best.name, "kind": best.kind, "alpha": best.alpha, "heldout_score": best.heldout_score,
+                     "checkpoint": exported},
         "finalists": [{"trial": c.trial, "search_score": c.search_score, "heldout_score": c.heldout_score}
                       for c in lcsc],
         "timings": {"search_seconds": search_seconds, "final_seconds": final_seconds,

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU check (issue 7 item 6): one script for one H100 (or any CUDA GPU), about 5-8 minutes, that prints
+#   - Fréchet distance time on the GPU vs pytorch-fid on the CPU (benchmarks/fid_bench.py --device cuda),
+#   - merge GB/s vs a device-to-device copy, InceptionV3 images/s in fp32 and bf16 with the FD difference,
+#     and one full trial on a CIFAR-10-sized U-Net with random weights and its stage times
+#     (benchmarks/gpu_probe.py),
+#   - the merge benchmark at GPU size (benchmarks/merge_bench.py --device cuda: roofline, low-precision error).
+# Every step has its own time limit, so one slow or failing step does not lose the others' output; the exit
+# status is the number of failed steps. Paste the output into docs/RESULTS.md ("GPU check").
+#
+#     bash benchmarks/gpu_check.sh            # from the repository root or anywhere
+#
+# Not yet run: the machine this was written on has no GPU (it was checked on the CPU with small sizes only).
+set -u
+cd "$(dirname "$0")/.."
+if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
+export PYTHONUNBUFFERED=1
+failed=0
+
+step() {  # step SECONDS TITLE COMMAND...
+    local limit=$1 title=$2; shift 2
+    echo "=== ${title} (limit ${limit} s)"
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    if [ $rc -ne 0 ]; then
+        failed=$((failed + 1))
+        echo "!!! ${title}: exit ${rc}$([ $rc -eq 124 ] && echo ' (time limit)')"
+    fi
+    echo "--- ${title}: $((SECONDS - start)) s"
+}
+
+echo "=== lcsc-ray GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi not found"
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "error: torch sees no CUDA device; run this on a GPU machine with a CUDA build of torch" >&2
+    exit 2
+fi
+step 150 "Frechet distance: GPU vs pytorch-fid (CPU)" python benchmarks/fid_bench.py --device cuda --repeats 5 --inception-images 1000
+step 150 "merge, Inception fp32/bf16, one full CIFAR-10-sized trial" python benchmarks/gpu_probe.py --device cuda --checkpoints 40 --inception-images 2000 --trial-samples 5000
+step 150 "merge benchmark (K=40, 10.5M parameters)" python benchmarks/merge_bench.py --device cuda --checkpoints 40 --repeats 20
+echo "=== done: ${failed} step(s) failed"
+exit $failed
