@@ -95,7 +95,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--address", help="existing Ray cluster ('auto' or host:port); default: start a local one")
     g.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs per trial (also its torch threads)")
     g.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial (fractional packs trials onto a GPU)")
-    g.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
+    g.add_argument("--max-concurrent", type=int, default=1,
+                   help="trials running at once (raise it with more cores or GPUs; on 2 CPU cores a second "
+                   "concurrent trial measured no faster, see benchmarks/trial_overhead.py)")
     g.add_argument("--max-failures", type=int, default=2, help="retries of a trial whose process or node died")
     g.add_argument("--device", default="auto", help="torch device for trials: auto | cpu | cuda")
     g.add_argument("--dashboard-host", default="127.0.0.1", help="Ray dashboard bind address (no authentication: "
