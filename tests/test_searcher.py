@@ -26,6 +26,7 @@ from lcsc_ray.search.optimizers import build_optimizer
 from lcsc_ray.search.searcher import LcscNevergradSearch, decode_candidate, load_searcher, save_candidate
 from lcsc_ray.search.tuner import run_search
 from search_spaces import build_space
+from cli_runs import trial_scores
 from search_synthetic import BASELINES, K, SPACE, TARGET, objective, slow_trainable, synthetic_trainable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,19 +296,6 @@ def test_experiment_state_stays_small_at_large_k(local_ray, tmp_path):
     assert len(list((tmp_path / "large_k" / "candidates").glob("*.npy"))) == num_trials
 
 
-def _completed_before_kill(exp_dir: Path) -> dict[str, float]:
-    """trial id -> score for every trial whose result reached disk before the kill."""
-    import json
-
-    done = {}
-    for result in exp_dir.glob("trial_*/result.json"):
-        lines = [line for line in result.read_text().splitlines() if line.strip()]
-        if lines:
-            record = json.loads(lines[-1])
-            done[record["trial_id"]] = record["score"]
-    return done
-
-
 def test_resume_after_sigkill_reaches_the_full_count(local_ray, tmp_path):
     num_trials = 14
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
@@ -319,7 +307,7 @@ def test_resume_after_sigkill_reaches_the_full_count(local_ray, tmp_path):
     exp_dir = tmp_path / "killed"
     deadline = time.monotonic() + 90
     try:
-        while len(_completed_before_kill(exp_dir)) < 4:
+        while len(trial_scores(exp_dir)) < 4:
             assert driver.poll() is None, "the search driver exited before it could be killed"
             assert time.monotonic() < deadline, "the search driver made no progress"
             time.sleep(0.2)
@@ -327,7 +315,7 @@ def test_resume_after_sigkill_reaches_the_full_count(local_ray, tmp_path):
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started, nothing else
         driver.wait()
-    before = _completed_before_kill(exp_dir)
+    before = trial_scores(exp_dir)
     assert 4 <= len(before) < num_trials
     table = _search(tmp_path, "killed", num_trials=num_trials, trainable=slow_trainable, resume=True)
     assert len(table.rows) == num_trials
