@@ -81,6 +81,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--optimizer", help="'lcsc-es' (the paper's evolutionary search) or any Nevergrad optimizer name")
     g.add_argument("--space", help="coefficient space: full | affine | grouped:G")
     g.add_argument("--bound", type=float, help="coefficients are searched in [-bound, bound]")
+    g.add_argument("--sigma", type=float, help="mutation scale of the searched value per coordinate "
+                   "(default 1/sqrt(dimension): one mutation moves α by about 1 in Euclidean norm); smaller "
+                   "values search closer to the baselines")
     g.add_argument("--ema", type=lambda s: [float(b) for b in s.split(",")],
                    help="EMA decays (per training iteration) used as baselines, comma separated; pick rates whose "
                    "half-life fits inside the checkpoint window")
@@ -191,7 +194,7 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
 
     ref_stats = Path(args.ref_stats).expanduser().resolve() if args.ref_stats else \
         ensure_reference_stats(run.config["data"], args.extractor, inception_weights=args.inception_weights)
-    space = build_space(args.space, len(files), bound=args.bound)
+    space = build_space(args.space, len(files), bound=args.bound, sigma=args.sigma)
     baselines = baseline_profiles(steps, args.ema)
 
     sampler_options = {k: v for k, v in {"nfe": args.nfe, "steps": args.steps, "ts": args.ts}.items() if v is not None}
@@ -287,7 +290,8 @@ def finish(args: argparse.Namespace, table: ResultTable, baselines: dict[str, np
     results = {
         "metric": metric_name,
         "search": {"samples": args.fid_samples, "noise_seed": args.noise_seed, "optimizer": args.optimizer,
-                   "space": args.space, "bound": args.bound, "seed": args.seed, "trials_completed": len(table.rows),
+                   "space": args.space, "bound": args.bound, "sigma": space.sigma, "seed": args.seed,
+                   "trials_completed": len(table.rows),
                    "trials_failed": sum(bool(r.metrics.get("failed")) for r in table.rows),
                    "trials_errored": table.num_errored, "experiment": table.experiment_path},
         "heldout": {"samples": args.final_samples, "noise_seed": heldout_seed},
