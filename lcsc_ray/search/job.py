@@ -32,7 +32,7 @@ from lcsc_ray.search.tuner import ResultTable, check_experiment, run_search
 from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack
 from lcsc_ray.training.demo import ensure_demo_run
 from search_spaces import load_preset
-from search_spaces.spaces import build_space
+from search_spaces.spaces import CoefficientSpace, build_space
 
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out noise seed = search noise seed + this (any fixed, distinct value)
 
@@ -231,11 +231,11 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
         raise LcscError(f"{table.input_error} (search stopped; fix this, then continue with --resume --name {name} "
                         f"--storage {storage})")
     search_seconds = time.perf_counter() - started
-    return finish(args, table, baselines, steps, spec, payload, output, search_seconds)
+    return finish(args, table, space, baselines, steps, spec, payload, output, search_seconds)
 
 
-def finish(args: argparse.Namespace, table: ResultTable, baselines: dict[str, np.ndarray], steps: list[int],
-           spec: ScoringSpec, payload: Any, output: Path, search_seconds: float) -> dict[str, Any]:
+def finish(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace, baselines: dict[str, np.ndarray],
+           steps: list[int], spec: ScoringSpec, payload: Any, output: Path, search_seconds: float) -> dict[str, Any]:
     """Held-out re-scoring (LCSC-NOTES §1: the best of many noisy evaluations is biased low), the table,
     the exported winner, results.json and the plots."""
     started = time.perf_counter()
