@@ -40,7 +40,6 @@ def start_ray(
     dashboard: bool = True,
     dashboard_host: str = "127.0.0.1",
     dashboard_port: int = 8265,
-    num_cpus: int | None = None,
     quiet: bool = False,
 ) -> str | None:
     """Start (or join, with `address`) Ray and return the dashboard URL when there is one.
@@ -67,7 +66,6 @@ def start_ray(
                 file=sys.stderr,
             )
         context = ray.init(
-            num_cpus=num_cpus,
             include_dashboard=dashboard,
             dashboard_host=dashboard_host,
             dashboard_port=dashboard_port if dashboard else None,

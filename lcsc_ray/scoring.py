@@ -26,6 +26,7 @@ from lcsc_ray.sampling import build_sampler, generate_batches
 from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack, resolve_device
 from lcsc_ray.training.preview import write_sample_grid
 
+
 @dataclass(frozen=True)
 class ScoringSpec:
     """Everything a worker needs to rebuild the scorer: plain values and absolute paths only, so it pickles
@@ -43,10 +44,6 @@ class ScoringSpec:
     batch_size: int = 500
     device: str = "auto"
     threads: int | None = None
-
-    @property
-    def steps(self) -> list[int]:
-        return [f.step for f in self.files]
 
 
 class CandidateScorer:
