@@ -6,16 +6,15 @@
 #     (benchmarks/gpu_probe.py),
 #   - the merge benchmark at GPU size (benchmarks/merge_bench.py --device cuda: roofline, low-precision error).
 # Every step has its own time limit, so one slow or failing step does not lose the others' output; the exit
-# status is the number of failed steps. Paste the output into docs/RESULTS.md ("GPU check").
+# status is the number of failed steps. The output is also saved to docs/results/gpu_check.txt (replaced only
+# when the script gets past the CUDA check), which `python benchmarks/run_all.py` puts into docs/RESULTS.md.
 #
 #     bash benchmarks/gpu_check.sh            # from the repository root or anywhere
-#
-# Not yet run: the machine this was written on has no GPU (it was checked on the CPU with small sizes only).
 set -u
 cd "$(dirname "$0")/.."
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 export PYTHONUNBUFFERED=1
-failed=0
+OUTPUT=docs/results/gpu_check.txt
 
 step() {  # step SECONDS TITLE COMMAND...
     local limit=$1 title=$2; shift 2
@@ -30,14 +29,27 @@ step() {  # step SECONDS TITLE COMMAND...
     echo "--- ${title}: $((SECONDS - start)) s"
 }
 
-echo "=== lcsc-ray GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi not found"
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "error: torch sees no CUDA device; run this on a GPU machine with a CUDA build of torch" >&2
+check() {
+    failed=0
+    echo "=== lcsc-ray GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi not found"
+    if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        echo "error: torch sees no CUDA device; run this on a GPU machine with a CUDA build of torch" >&2
+        return 255
+    fi
+    step 150 "Frechet distance: GPU vs pytorch-fid (CPU)" python benchmarks/fid_bench.py --device cuda --repeats 5 --inception-images 1000
+    step 150 "merge, Inception fp32/bf16, one full CIFAR-10-sized trial" python benchmarks/gpu_probe.py --device cuda --checkpoints 40 --inception-images 2000 --trial-samples 5000
+    step 150 "merge benchmark (K=40, 10.5M parameters)" python benchmarks/merge_bench.py --device cuda --checkpoints 40 --repeats 20
+    echo "=== done: ${failed} step(s) failed"
+    return $failed
+}
+
+mkdir -p "$(dirname "$OUTPUT")"
+check 2>&1 | tee "$OUTPUT.partial"
+rc=${PIPESTATUS[0]}
+if [ "$rc" -eq 255 ]; then
+    rm -f "$OUTPUT.partial"
     exit 2
 fi
-step 150 "Frechet distance: GPU vs pytorch-fid (CPU)" python benchmarks/fid_bench.py --device cuda --repeats 5 --inception-images 1000
-step 150 "merge, Inception fp32/bf16, one full CIFAR-10-sized trial" python benchmarks/gpu_probe.py --device cuda --checkpoints 40 --inception-images 2000 --trial-samples 5000
-step 150 "merge benchmark (K=40, 10.5M parameters)" python benchmarks/merge_bench.py --device cuda --checkpoints 40 --repeats 20
-echo "=== done: ${failed} step(s) failed"
-exit $failed
+mv "$OUTPUT.partial" "$OUTPUT"
+exit "$rc"

@@ -1,7 +1,9 @@
 """The experiments behind docs/RESULTS.md items 1-4 (issue 7), each built from the product's own paths.
 
 Searches go through `lcsc_ray.search.job.run_job` (the code behind `launch/tune_cm.py`), so every number is
-what a user of the tool would get; configurations that are not searched (the 2-step base CM, the newest DM
+what a user of the tool would get. The optimizer comparison (item 4, 12,000 evaluations) drives the product's
+searcher and trial function in a plain ask/tell loop instead (`ask_tell_search`): with one trial at a time
+Tune only adds its per-trial scheduling (measured in item 5), not a different sequence of candidates. Configurations that are not searched (the 2-step base CM, the newest DM
 checkpoint at other NFEs, the training EMA) are scored in this process with the same `CandidateScorer`,
 the same reference statistics and the same held-out noise seed as the job's held-out re-scoring, so every
 held-out number in the report is comparable with every other one of the same kind (CM or DM).
@@ -10,6 +12,7 @@ held-out number in the report is comparable with every other one of the same kin
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,24 +20,26 @@ from typing import Any, Sequence
 import numpy as np
 
 from lcsc_ray.checkpoints import CheckpointFile, discover_checkpoints
+from lcsc_ray.profiles import baseline_profiles
 from lcsc_ray.reference_stats import ensure_reference_stats
 from lcsc_ray.run_folder import load_run
 from lcsc_ray.scoring import CandidateScorer, ScoringSpec
 from lcsc_ray.search.job import HELDOUT_SEED_OFFSET, run_job
-from lcsc_ray.search.searcher import load_searcher
-from search_spaces import load_preset
+from lcsc_ray.search.optimizers import build_optimizer
+from lcsc_ray.search.searcher import LcscNevergradSearch, decode_candidate
+from lcsc_ray.search.trial import evaluate_candidate
+from lcsc_ray.training.demo import ensure_demo_run
+from search_spaces import build_space, load_preset
 
 NOISE_SEED = 0  # search noise seed of every search here; held-out noise is NOISE_SEED + HELDOUT_SEED_OFFSET
 
 
 @dataclass
 class SearchRun:
-    """One finished `run_job` search: its results.json content and the search-noise score the optimizer
-    was told after each trial, in the order it was told (what 'best score vs trials' is drawn from)."""
+    """One finished `run_job` search: its results.json content."""
 
     label: str
     results: dict[str, Any]
-    told: list[float]
 
     @property
     def winner_heldout(self) -> float:
@@ -43,10 +48,6 @@ class SearchRun:
     def baseline_heldout(self, name: str) -> float:
         return float(self.results["baselines"][name]["heldout_score"])
 
-    @property
-    def best_so_far(self) -> np.ndarray:
-        return np.minimum.accumulate(np.asarray(self.told, dtype=np.float64))
-
 
 def search(kind: str, label: str, storage: Path, flags: Sequence[str]) -> SearchRun:
     """Run the LCSC job with `flags` (run_job's command-line flags) into `storage/label`, quietly, without
@@ -54,9 +55,7 @@ def search(kind: str, label: str, storage: Path, flags: Sequence[str]) -> Search
     when Ray is up)."""
     argv = ["--no-dashboard", "--quiet", "--storage", str(storage), "--name", label,
             "--noise-seed", str(NOISE_SEED), *map(str, flags)]
-    results = run_job(argv, kind)
-    told = [float(loss) for _, _, loss in load_searcher(results["search"]["experiment"]).told]
-    return SearchRun(label, results, told)
+    return SearchRun(label, run_job(argv, kind))
 
 
 def first_fraction_run(run_dir: Path, fraction: float, folder: Path) -> tuple[Path, int]:
@@ -98,3 +97,34 @@ class HeldoutScorer:
 def training_ema_file(run_dir: Path) -> CheckpointFile:
     """The training EMA weights saved with the newest checkpoint (checkpoints_ema/, docs/ARCHITECTURE.md)."""
     return discover_checkpoints(load_run(run_dir).ema_dir)[-1]
+
+
+def ask_tell_search(optimizer: str, seed: int, trials: int, num_samples: int, final_samples: int) -> dict[str, Any]:
+    """One CM search of `trials` candidates (the digits-cm preset's space and baselines first, as the job
+    warm-starts) with the product's `LcscNevergradSearch` and `evaluate_candidate`, one at a time, on one
+    thread, without Tune. Returns the scores in tell order and the held-out score of the best candidate.
+    Runs in a worker process of its own (item 4 runs two at a time)."""
+    preset = load_preset("digits-cm")
+    run_dir = ensure_demo_run("cm")
+    run = load_run(run_dir)
+    files = tuple(discover_checkpoints(run.checkpoint_dir))
+    spec = ScoringSpec(run_dir=str(run_dir), files=files, extractor=preset["extractor"],
+                       reference_stats=str(ensure_reference_stats(run.config["data"], preset["extractor"])),
+                       device="cpu", threads=1)
+    space = build_space(preset["space"], len(files), bound=preset["bound"], sigma=preset.get("sigma"))
+    warm = baseline_profiles([f.step for f in files], preset["ema"], preset.get("phema", ()))
+    opt = build_optimizer(optimizer, space.parametrization(), budget=trials, num_workers=1, seed=seed)
+    told, best = [], (np.inf, None)
+    with tempfile.TemporaryDirectory(prefix="lcsc-ask-tell-") as folder:
+        searcher = LcscNevergradSearch(opt, experiment_dir=folder,
+                                       warm_start=[(n, space.to_value(a)) for n, a in warm.items()])
+        for index in range(trials):
+            config = searcher.suggest(str(index))
+            report = evaluate_candidate(config, scoring=spec, space=space, seed=NOISE_SEED, num_samples=num_samples)
+            searcher.on_trial_complete(str(index), report)
+            told.append(float(report["score"]))
+            if report["score"] < best[0]:
+                best = (report["score"], space.to_coefficients(decode_candidate(config)[0]))
+    heldout = HeldoutScorer(run_dir, files, kind="cm", final_samples=final_samples, sampler="onestep",
+                            sampler_options={}, threads=1).score(best[1])
+    return {"optimizer": optimizer, "seed": seed, "told": told, "heldout": heldout}

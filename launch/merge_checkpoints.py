@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep every INTERVAL-th saved checkpoint, counted back from the newest (default 1)")
     parser.add_argument("--max-checkpoints", type=int, help="then keep at most the newest N checkpoints")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--profile", help="baseline coefficients: newest, uniform or ema_<decay> (e.g. ema_0.999)")
+    source.add_argument("--profile", help="baseline coefficients: newest, uniform, ema_<decay> (e.g. ema_0.999) or phema_<width> (EDM2 post-hoc EMA, e.g. phema_0.1)")
     source.add_argument("--coefficients", help="coefficients as a comma list ('0.2,0.3,0.5') or a JSON file "
                         "holding a list or an object with 'coefficients'/'alpha' (and optionally 'steps', checked)")
     parser.add_argument("--out", help="output weights path (suffix of the inputs' format, or none: a folder for "

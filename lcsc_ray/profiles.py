@@ -1,4 +1,4 @@
-"""Baseline coefficient profiles over the saved checkpoints: newest, uniform average, EMA.
+"""Baseline coefficient profiles over the saved checkpoints: newest, uniform average, EMA, post-hoc EMA.
 
 They are what LCSC must beat and what the search is seeded with (LCSC-NOTES section 1, "seeded with
 known-good profiles"). Each is a float64 numpy vector [K] over the checkpoints sorted by step that sums
@@ -58,28 +58,64 @@ def ema_profile(steps: Sequence[int], beta: float) -> np.ndarray:
     return alpha
 
 
-def baseline_profiles(steps: Sequence[int], ema_betas: Sequence[float]) -> dict[str, np.ndarray]:
-    """{"newest", "uniform", "ema_<β>" for each β}: the baselines every search reports and starts from."""
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent γ of EDM2's power-function EMA with relative standard deviation σ_rel (Karras et al. 2024,
+    eq. 3): σ_rel² = (γ+1) / ((γ+2)² (γ+3)), i.e. the largest real root of γ³ + 7γ² + (16 − σ_rel⁻²)γ + 12 − σ_rel⁻²."""
+    if not 0.0 < sigma_rel < 12 ** -0.5:  # γ > 0 needs σ_rel < 1/√12 (γ = 0 is the uniform average over [0, t])
+        raise LcscError(f"post-hoc EMA width {sigma_rel} must lie in (0, 0.288) (e.g. --phema 0.05,0.1)")
+    t = sigma_rel ** -2
+    return float(np.roots([1.0, 7.0, 16.0 - t, 12.0 - t]).real.max())
+
+
+def posthoc_ema_profile(steps: Sequence[int], sigma_rel: float) -> np.ndarray:
+    """EDM2's power-function EMA of width σ_rel read at the newest saved step, rebuilt from the saved raw
+    checkpoints (LCSC-NOTES section 5: a strong baseline that costs no search).
+
+    The power-function average at time T weighs the raw weights w_t with density (γ+1) t^γ / T^{γ+1} on
+    [0, T]. EDM2 rebuilds it from two stored EMA profiles by least squares; from raw checkpoints the same
+    interval assumption as `ema_profile` (w_t ≈ θᵢ for n_{i−1} < t ≤ nᵢ, n₀ = 0) integrates it exactly:
+        αᵢ = (nᵢ/n_K)^{γ+1} − (n_{i−1}/n_K)^{γ+1},
+    which telescopes to Σαᵢ = 1. Unlike a fixed-decay EMA its length scales with the run (σ_rel is a
+    fraction of the training time), so one width suits runs of any length. It needs checkpoints that cover
+    most of the run: the weight of everything before the oldest one, (n₁/n_K)^{γ+1}, is folded onto it.
+    """
+    n = np.asarray(steps, dtype=np.float64)
+    _check_count(len(n))
+    if np.any(np.diff(n) <= 0) or n[0] < 0 or n[-1] <= 0:
+        raise LcscError(f"checkpoint steps {list(steps)} must be non-negative, strictly increasing and end above 0 "
+                        f"for a post-hoc EMA")
+    power = np.power(n / n[-1], sigma_rel_to_gamma(sigma_rel) + 1.0)  # (nᵢ/n_K)^{γ+1}
+    return np.diff(power, prepend=0.0)
+
+
+def baseline_profiles(steps: Sequence[int], ema_betas: Sequence[float],
+                      phema_widths: Sequence[float] = ()) -> dict[str, np.ndarray]:
+    """{"newest", "uniform", "ema_<β>" for each β, "phema_<σ_rel>" for each width}: the baselines every search
+    reports and starts from."""
     profiles = {"newest": newest_profile(len(steps)), "uniform": uniform_profile(len(steps))}
     for beta in ema_betas:
         profiles[f"ema_{float(beta)!r}"] = ema_profile(steps, float(beta))
+    for width in phema_widths:
+        profiles[f"phema_{float(width)!r}"] = posthoc_ema_profile(steps, float(width))
     return profiles
 
 
 def named_profile(name: str, steps: Sequence[int]) -> np.ndarray:
-    """The profile a user names on the command line: `newest`, `uniform` or `ema_<β>` (e.g. `ema_0.999`)."""
+    """The profile a user names on the command line: `newest`, `uniform`, `ema_<β>` (e.g. `ema_0.999`) or
+    `phema_<σ_rel>` (e.g. `phema_0.1`)."""
     if name == "newest":
         return newest_profile(len(steps))
     if name == "uniform":
         return uniform_profile(len(steps))
-    if name.startswith("ema_"):
-        try:
-            beta = float(name.removeprefix("ema_"))
-        except ValueError:
-            beta = None
-        if beta is not None:
-            return ema_profile(steps, beta)
-    raise LcscError(f"--profile {name!r}: choose newest, uniform or ema_<decay> (e.g. ema_0.999)")
+    for prefix, build in (("ema_", ema_profile), ("phema_", posthoc_ema_profile)):
+        if name.startswith(prefix):
+            try:
+                value = float(name.removeprefix(prefix))
+            except ValueError:
+                break
+            return build(steps, value)
+    raise LcscError(f"--profile {name!r}: choose newest, uniform, ema_<decay> (e.g. ema_0.999) or "
+                    f"phema_<width> (e.g. phema_0.1)")
 
 
 def _check_count(num_checkpoints: int) -> None:

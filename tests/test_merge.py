@@ -20,7 +20,8 @@ from lcsc_ray.checkpoints import discover_checkpoints, load_state_dict
 from lcsc_ray import errors
 from lcsc_ray.errors import LcscError
 from lcsc_ray.export import export_merged
-from lcsc_ray.profiles import baseline_profiles, ema_profile, named_profile, newest_profile, uniform_profile
+from lcsc_ray.profiles import (baseline_profiles, ema_profile, named_profile, newest_profile, posthoc_ema_profile,
+                               uniform_profile)
 from lcsc_ray.stack import CheckpointStack, plan_memory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,13 +226,39 @@ def test_ema_profile_equals_iterated_ema():
     assert np.all(np.diff(long_run[1:]) > 0)  # geometric: newer checkpoints weigh more
 
 
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.1, 0.15, 0.25])
+def test_posthoc_ema_has_the_requested_relative_width(sigma_rel):
+    """EDM2 defines σ_rel as the standard deviation of the power-function profile's weights over time, relative
+    to the current time: checked on a densely saved run, where the profile is the power function itself."""
+    steps = np.arange(1, 20001)
+    alpha = posthoc_ema_profile(steps, sigma_rel)
+    assert alpha.sum() == pytest.approx(1.0, abs=1e-12) and np.all(alpha >= 0)
+    assert np.all(np.diff(alpha) > 0)  # later weights count more
+    x = (steps - 0.5) / steps[-1]  # each interval's midpoint, as a fraction of the run
+    mean = alpha @ x
+    assert np.sqrt(alpha @ (x - mean) ** 2) == pytest.approx(sigma_rel, rel=2e-3)
+    # A sparse save schedule integrates the same profile: the coarse weights are sums of the dense ones.
+    coarse = posthoc_ema_profile(steps[999::1000], sigma_rel)
+    np.testing.assert_allclose(coarse, alpha.reshape(20, 1000).sum(axis=1), rtol=1e-9)
+
+
+def test_posthoc_ema_rejects_bad_widths_and_steps():
+    for bad in (0.0, 0.29, -0.1):
+        with pytest.raises(LcscError, match="post-hoc EMA width"):
+            posthoc_ema_profile([1, 2, 3], bad)
+    with pytest.raises(LcscError, match="strictly increasing"):
+        posthoc_ema_profile([3, 2], 0.1)
+    assert posthoc_ema_profile([0, 5, 10], 0.1)[0] == 0.0  # the initial weights get no mass of their own
+
+
 def test_profiles_and_names():
-    profiles = baseline_profiles([1, 2, 3], [0.5, 0.999])
-    assert list(profiles) == ["newest", "uniform", "ema_0.5", "ema_0.999"]
+    profiles = baseline_profiles([1, 2, 3], [0.5, 0.999], [0.1])
+    assert list(profiles) == ["newest", "uniform", "ema_0.5", "ema_0.999", "phema_0.1"]
+    np.testing.assert_array_equal(named_profile("phema_0.1", [1, 2, 3]), profiles["phema_0.1"])
     assert profiles["newest"].tolist() == [0, 0, 1] and np.allclose(profiles["uniform"], 1 / 3)
     np.testing.assert_allclose(profiles["ema_0.5"], [0.25, 0.25, 0.5])
     np.testing.assert_array_equal(named_profile("ema_0.5", [1, 2, 3]), profiles["ema_0.5"])
-    for bad in ("ema_x", "best"):
+    for bad in ("ema_x", "phema_", "best"):
         with pytest.raises(LcscError, match="--profile"):
             named_profile(bad, [1, 2, 3])
     with pytest.raises(LcscError, match="strictly between 0 and 1"):

@@ -46,7 +46,8 @@ def test_search_runs_the_budget_tells_baselines_and_exports_a_loadable_winner(lo
     assert on_disk["metric"] == "fd_digits"
     # Every baseline was evaluated as a trial and told to the optimizer as a not-asked point.
     manifest = json.loads((tmp_path / "cm-es" / "lcsc_search.json").read_text())
-    assert len(manifest["warm_start"]) == len(on_disk["baselines"]) == 2 + len(load_preset("digits-cm")["ema"])
+    assert len(manifest["warm_start"]) == len(on_disk["baselines"]) == (
+        2 + len(load_preset("digits-cm")["ema"]) + len(load_preset("digits-cm")["phema"]))
     assert all(b["search_score"] is not None and b["heldout_score"] is not None for b in on_disk["baselines"].values())
     winner = on_disk["winner"]
     assert len(winner["alpha"]) == len(winner["steps"]) == 12

@@ -87,6 +87,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--ema", type=lambda s: [float(b) for b in s.split(",")],
                    help="EMA decays (per training iteration) used as baselines, comma separated; pick rates whose "
                    "half-life fits inside the checkpoint window")
+    g.add_argument("--phema", type=lambda s: [float(w) for w in s.split(",") if w.strip()],
+                   help="widths σ_rel of EDM2 power-function (post-hoc) EMAs used as baselines, comma separated "
+                   "(e.g. 0.05,0.1; a fraction of the training time); empty string for none")
     g.add_argument("--top-k", type=int, help="search finalists re-scored on held-out noise")
     g.add_argument("--seed", type=int, default=0, help="optimizer seed")
     g = parser.add_argument_group("where and on what")
@@ -195,7 +198,7 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
     ref_stats = Path(args.ref_stats).expanduser().resolve() if args.ref_stats else \
         ensure_reference_stats(run.config["data"], args.extractor, inception_weights=args.inception_weights)
     space = build_space(args.space, len(files), bound=args.bound, sigma=args.sigma)
-    baselines = baseline_profiles(steps, args.ema)
+    baselines = baseline_profiles(steps, args.ema, args.phema or ())
 
     sampler_options = {k: v for k, v in {"nfe": args.nfe, "steps": args.steps, "ts": args.ts}.items() if v is not None}
     spec = ScoringSpec(
@@ -312,7 +315,7 @@ def finish(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace
     plot_best_so_far(output / "best_score_vs_trial.png", [r.score for r in table.rows], metric_name=metric_name,
                      penalty=PENALTY_SCORE, baselines={n: r.score for n, r in searched_baselines.items()})
     plot_coefficients(output / "coefficients_vs_step.png", steps,
-                      {"LCSC winner": winner.alpha, **{n: a for n, a in baselines.items() if n.startswith("ema")}})
+                      {"LCSC winner": winner.alpha, **{n: a for n, a in baselines.items() if n.startswith(("ema", "phema"))}})
     print(f"results: {output / 'results.json'}; merged checkpoint: {exported}; plots and sample grids in {output}")
     return results
 
