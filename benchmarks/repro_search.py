@@ -28,7 +28,6 @@ from lcsc_ray.search.job import HELDOUT_SEED_OFFSET, run_job
 from lcsc_ray.search.optimizers import build_optimizer
 from lcsc_ray.search.searcher import LcscNevergradSearch, decode_candidate
 from lcsc_ray.search.trial import evaluate_candidate
-from lcsc_ray.training.demo import ensure_demo_run
 from search_spaces import build_space, load_preset
 
 NOISE_SEED = 0  # search noise seed of every search here; held-out noise is NOISE_SEED + HELDOUT_SEED_OFFSET
@@ -99,13 +98,13 @@ def training_ema_file(run_dir: Path) -> CheckpointFile:
     return discover_checkpoints(load_run(run_dir).ema_dir)[-1]
 
 
-def ask_tell_search(optimizer: str, seed: int, trials: int, num_samples: int, final_samples: int) -> dict[str, Any]:
-    """One CM search of `trials` candidates (the digits-cm preset's space and baselines first, as the job
+def ask_tell_search(optimizer: str, seed: int, trials: int, num_samples: int, final_samples: int,
+                    run_dir: Path) -> dict[str, Any]:
+    """One search of `trials` candidates on the CM run `run_dir` (the digits-cm preset's space and baselines first, as the job
     warm-starts) with the product's `LcscNevergradSearch` and `evaluate_candidate`, one at a time, on one
     thread, without Tune. Returns the scores in tell order and the held-out score of the best candidate.
     Runs in a worker process of its own (item 4 runs two at a time)."""
     preset = load_preset("digits-cm")
-    run_dir = ensure_demo_run("cm")
     run = load_run(run_dir)
     files = tuple(discover_checkpoints(run.checkpoint_dir))
     spec = ScoringSpec(run_dir=str(run_dir), files=files, extractor=preset["extractor"],

@@ -9,11 +9,11 @@ Items: (1) LCSC vs baselines (newest, uniform, EMA rates, EDM2 post-hoc EMAs, th
 seeds on the digits CM and DM; (2) 1-step LCSC vs the 2-step base CM, and the smallest DM NFE at which LCSC
 matches the newest checkpoint (and the best baseline) at the default NFE; (3) LCSC on the first 1/2, 1/4, 1/8
 of the CM run vs the full run; (4) best search score vs trials for lcsc-es and three Nevergrad optimizers over
-1,000 trials and 3 seeds each; (5) the speed benchmarks (merge_bench.py, fid_bench.py, trial_overhead.py) run
-as they are and their output copied in; (6) the output `benchmarks/gpu_check.sh` saved on a GPU machine. Items 1-3 search through the product's job (`run_job`) on one local
-Ray session; item 4 drives the product's searcher in a plain loop, two searches at a time (repro_search.py).
-Held-out scores everywhere use the job's held-out noise seed, so numbers of the same model kind compare across
-items.
+1,000 trials and 3 seeds each; (5) the speed benchmarks (merge_bench.py, fid_bench.py, trial_overhead.py,
+sampling_bench.py) run as they are and their output copied in; (6) the output benchmarks/gpu_check.sh saved
+on a GPU machine. Items 1-3 search through the product's job (`run_job`) on one local Ray session; item 4
+drives the product's searcher in a plain loop, two searches at a time (repro_search.py). Held-out scores
+everywhere use the job's held-out noise seed, so numbers of the same model kind compare across items.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 from lcsc_ray.atomic import atomic_path, atomic_write_text  # noqa: E402
 from lcsc_ray.checkpoints import discover_checkpoints  # noqa: E402
 from lcsc_ray.errors import run_cli  # noqa: E402
+from lcsc_ray.paths import cache_dir  # noqa: E402
 from lcsc_ray.run_folder import load_run  # noqa: E402
 from lcsc_ray.training.demo import ensure_demo_run  # noqa: E402
 from repro_search import (HeldoutScorer, SearchRun, ask_tell_search, first_fraction_run, search,  # noqa: E402
@@ -52,16 +53,16 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "smoke": dict(seeds=[0], cm_trials=12, dm_trials=10, cm_final=1000, dm_final=500, top_k=2, dm_nfes=[5],
                   fractions=[1 / 2], subset_trials=12, optimizers=["TwoPointsDE"], opt_seeds=[0], opt_trials=15,
                   opt_samples=500, midpoints=[10], merge=["--checkpoints", "4", "--repeats", "2"],
-                  fid=["--repeats", "1"], overhead=["--trials", "10"]),
+                  fid=["--repeats", "1"], overhead=["--trials", "10"], sampling=["--samples", "500", "--repeats", "1"]),
     "quick": dict(seeds=[0, 1, 2], cm_trials=150, dm_trials=60, cm_final=4000, dm_final=2000, top_k=3,
                   dm_nfes=[5, 7], fractions=[1 / 2, 1 / 4, 1 / 8], subset_trials=100,
                   optimizers=["TwoPointsDE", "CMA", "OnePlusOne"], opt_seeds=[0, 1, 2], opt_trials=1000,
                   opt_samples=1000, midpoints=[6, 8, 10, 12, 14], merge=["--checkpoints", "20", "--repeats", "5"],
-                  fid=["--repeats", "1"], overhead=["--trials", "50"]),
+                  fid=["--repeats", "1"], overhead=["--trials", "50"], sampling=[]),
     "full": dict(seeds=[0, 1, 2], cm_trials=1000, dm_trials=150, cm_final=5000, dm_final=4000, top_k=5,
                  dm_nfes=[4, 5, 6, 7, 12], fractions=[1 / 2, 1 / 4, 1 / 8], subset_trials=400,
                  optimizers=["TwoPointsDE", "CMA", "OnePlusOne", "DiagonalCMA"], opt_seeds=[0, 1, 2], opt_trials=1000,
-                 opt_samples=2000, midpoints=[4, 6, 8, 10, 12, 14, 16], merge=[], fid=[], overhead=[]),
+                 opt_samples=2000, midpoints=[4, 6, 8, 10, 12, 14, 16], merge=[], fid=[], overhead=[], sampling=[]),
 }
 DM_SEARCH_NFE = 9  # the digits-dm preset's NFE (the paper's reduced budget)
 DM_DEFAULT_NFE = 15  # DPM-Solver++'s default in lcsc_ray/sampling/dm.py (the LCSC repo's default DM sampler)
@@ -112,10 +113,10 @@ def item1_baselines(cfg: dict, storage: Path, plots: Path) -> tuple[str, dict[st
     fig, axes = new_figure(2)
     for col, kind in enumerate(("cm", "dm")):
         trials, final = cfg[f"{kind}_trials"], cfg[f"{kind}_final"]
+        run_dir = cfg["runs"][kind]
         for seed in cfg["seeds"]:
             runs[kind].append(search(kind, f"item1-{kind}-s{seed}", storage, [
-                "--num-trials", trials, "--final-samples", final, "--top-k", cfg["top_k"], "--seed", seed]))
-        run_dir = ensure_demo_run(kind)
+                "--ckpt-dir", run_dir, "--num-trials", trials, "--final-samples", final, "--top-k", cfg["top_k"], "--seed", seed]))
         scorer = HeldoutScorer(run_dir, [training_ema_file(run_dir)], kind=kind, final_samples=final,
                                sampler="onestep" if kind == "cm" else "dpmsolver++",
                                sampler_options={} if kind == "cm" else {"nfe": DM_SEARCH_NFE})
@@ -159,7 +160,7 @@ def item2_fewer_steps(cfg: dict, storage: Path, plots: Path, item1: dict[str, li
     """(a) 1-step LCSC vs the 2-step base CM (the paper's CD claim); (b) the DM NFE at which LCSC matches the
     newest checkpoint at the default NFE (the paper: 15 -> 9)."""
     text = ["## 2. Fewer sampling steps\n"]
-    run_dir = ensure_demo_run("cm")
+    run_dir = cfg["runs"]["cm"]
     newest_file = discover_checkpoints(load_run(run_dir).checkpoint_dir)[-1]
     ema_file = training_ema_file(run_dir)
     rows, best_two = [], None
@@ -180,7 +181,7 @@ def item2_fewer_steps(cfg: dict, storage: Path, plots: Path, item1: dict[str, li
                 f"{best_two:.1f} (best over the midpoints and both base models): 1-step LCSC {verdict} the 2-step base "
                 f"on the mean over seeds ({sum(w < best_two for w in winners)}/{len(winners)} seeds).\n")
 
-    run_dir = ensure_demo_run("dm")
+    run_dir = cfg["runs"]["dm"]
     files = discover_checkpoints(load_run(run_dir).checkpoint_dir)
     first = item1["dm"][0]
     base_name = min(first.results["baselines"], key=first.baseline_heldout)  # the best baseline of item 1
@@ -193,7 +194,7 @@ def item2_fewer_steps(cfg: dict, storage: Path, plots: Path, item1: dict[str, li
     for n in cfg["dm_nfes"]:
         if n != DM_SEARCH_NFE:
             lcsc_at[n] = search("dm", f"item2-dm-nfe{n}", storage, [
-                "--nfe", n, "--num-trials", cfg["dm_trials"], "--final-samples", cfg["dm_final"],
+                "--ckpt-dir", run_dir, "--nfe", n, "--num-trials", cfg["dm_trials"], "--final-samples", cfg["dm_final"],
                 "--top-k", cfg["top_k"], "--seed", cfg["seeds"][0]]).winner_heldout
     text.append(f"### DM: DPM-Solver++ NFE (held-out {cfg['dm_final']} samples; LCSC searched at each NFE with the "
                 f"digits-dm preset, seed {cfg['seeds'][0]}, {cfg['dm_trials']} trials; `{base_name}` is item 1's best "
@@ -245,7 +246,7 @@ def _karras_sigma(run_dir: Path, index: int) -> float:
 def item3_training_cost(cfg: dict, storage: Path, plots: Path, work: Path, item1: dict[str, list[SearchRun]],
                         training_ema: dict[str, float]) -> str:
     """LCSC on the first 1/2, 1/4, 1/8 of the CM run's checkpoints vs the full run's newest and EMAs."""
-    run_dir = ensure_demo_run("cm")
+    run_dir = cfg["runs"]["cm"]
     full = item1["cm"][0]
     full_newest = full.baseline_heldout("newest")
     full_best_ema = min([v["heldout_score"] for n, v in full.results["baselines"].items()
@@ -298,7 +299,7 @@ def item4_search_efficiency(cfg: dict, plots: Path) -> str:
     jobs = [(o, seed) for o in ["lcsc-es", *cfg["optimizers"]] for seed in cfg["opt_seeds"]]
     runs: dict[str, list[dict[str, Any]]] = {}
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(ask_tell_search, o, seed, budget, samples, cfg["cm_final"]) for o, seed in jobs]
+        futures = [pool.submit(ask_tell_search, o, seed, budget, samples, cfg["cm_final"], cfg["runs"]["cm"]) for o, seed in jobs]
         for future in futures:
             result = future.result()
             result["best"] = np.minimum.accumulate(result["told"])
@@ -347,12 +348,14 @@ def item4_search_efficiency(cfg: dict, plots: Path) -> str:
 
 
 def item5_speed(cfg: dict) -> str:
-    """The three existing speed benchmarks, run as they are (subprocesses, before this process starts Ray)."""
+    """The speed benchmarks, run as they are (subprocesses, before this process starts Ray)."""
     text = ["## 5. Speed (the existing benchmarks' own output)\n"]
     for script, flags, what in (
             ("merge_bench.py", cfg["merge"], "merge GB/s vs a same-run roofline, vs naive reload, low-precision error"),
             ("fid_bench.py", cfg["fid"], "Fréchet distance time vs pytorch-fid; feature throughput"),
-            ("trial_overhead.py", cfg["overhead"], "Ray Tune trial overhead vs a plain loop; 1 vs 2 concurrent trials")):
+            ("trial_overhead.py", [*cfg["overhead"], "--ckpt-dir", str(cfg["runs"]["cm"])],
+             "Ray Tune trial overhead vs a plain loop; 1 vs 2 concurrent trials"),
+            ("sampling_bench.py", cfg["sampling"], "sampling FLOP rate vs a same-run matmul peak")):
         command = [sys.executable, str(REPO / "benchmarks" / script), *flags]
         start = time.perf_counter()
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
@@ -384,7 +387,14 @@ def item6_gpu(plots: Path) -> str:
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def machine_header(mode: str, started: _dt.datetime, seconds: float) -> str:
+def describe_run(path: Path) -> str:
+    """Which run a report used: the embedded demo (by name) or the user's folder, with its size."""
+    files = discover_checkpoints(load_run(path).checkpoint_dir)
+    where = f"embedded demo `{path.name}`" if path.parent == cache_dir() / "runs" else f"`{path}`"
+    return f"{where} ({len(files)} checkpoints, steps {files[0].step}..{files[-1].step})"
+
+
+def machine_header(mode: str, runs: dict[str, Path], started: _dt.datetime, seconds: float) -> str:
     import nevergrad
     import ray
     import torch
@@ -409,6 +419,7 @@ def machine_header(mode: str, started: _dt.datetime, seconds: float) -> str:
         "on 8x8 digits); search scores use the fixed search noise, held-out scores a different noise seed "
         "(LCSC-NOTES §1).",
         f"- mode `{mode}`: " + ", ".join(f"{k}={v}" for k, v in SETTINGS[mode].items()),
+        "- training runs: " + "; ".join(f"{kind.upper()} {describe_run(path)}" for kind, path in runs.items()),
         "",
     ])
 
@@ -423,9 +434,14 @@ def main() -> None:
     parser.add_argument("--output", default=str(REPO / "docs" / "RESULTS.md"), help="report path; plots go to results/ next to it")
     parser.add_argument("--workdir", help="scratch folder for searches (default: a temp folder, deleted at the end)")
     parser.add_argument("--skip-speed", action="store_true", help="leave item 5 out")
+    for kind in ("cm", "dm"):
+        parser.add_argument(f"--{kind}-run", help=f"a digits {kind.upper()} training run folder (launch/train_{kind}.py) to "
+                            f"use instead of the embedded demo run, which is trained on first use")
     args = parser.parse_args()
     mode_name = args.mode or "quick"
-    cfg = SETTINGS[mode_name]
+    cfg = dict(SETTINGS[mode_name])
+    cfg["runs"] = {kind: Path(getattr(args, f"{kind}_run")).resolve() if getattr(args, f"{kind}_run")
+                   else ensure_demo_run(kind) for kind in ("cm", "dm")}
     output = Path(args.output).resolve()
     plots = output.parent / "results"
     plots.mkdir(parents=True, exist_ok=True)
@@ -456,7 +472,7 @@ def main() -> None:
 
     ray.shutdown()
     sections.append("## Time per item of this run\n\n" + md_table(["item", "minutes"], [[n, f"{s / 60:.1f}"] for n, s in timings]))
-    header = machine_header(mode_name, started, time.perf_counter() - t0)
+    header = machine_header(mode_name, cfg["runs"], started, time.perf_counter() - t0)
     atomic_write_text(output, header + "\n" + "\n\n".join(sections) + "\n")
     print(f"[run_all] wrote {output} and plots in {plots} ({(time.perf_counter() - t0) / 60:.1f} min)")
     if not args.workdir:
