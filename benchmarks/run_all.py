@@ -132,8 +132,9 @@ def item1_baselines(cfg: dict, storage: Path, plots: Path) -> tuple[str, dict[st
         sampler_text = "one-step sampling" if kind == "cm" else f"DPM-Solver++ {DM_SEARCH_NFE} NFE"
         res = runs[kind][0].results
         text.append(f"### {kind.upper()} ({sampler_text}; K={len(res['steps'])} checkpoints, {trials} trials per "
-                    f"seed incl. baselines, search {res['search']['samples']} samples, held-out {final} samples, "
-                    f"top-{cfg['top_k']} re-scored; seeds {cfg['seeds']})\n")
+                    f"seed incl. baselines, optimizer {res['search']['optimizer']} (the preset's), search "
+                    f"{res['search']['samples']} samples, held-out {final} samples, top-{cfg['top_k']} re-scored; "
+                    f"seeds {cfg['seeds']})\n")
         text.append(md_table(["candidate", "held-out fd_digits: mean ± std (min..max) over seeds"], rows))
         text.append(f"\nLCSC winner beats the best baseline ({best_baseline:.1f}) in {beats}/{len(winners)} seeds. "
                     f"Mean search time per seed {np.mean([r.results['timings']['search_seconds'] for r in runs[kind]]):.0f} s, "
