@@ -6,13 +6,15 @@ baseline, so a working search measurably improves on its warm starts.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from ray import tune
 
-from lcsc_ray.search.searcher import decode_candidate
+from lcsc_ray.search.searcher import CANDIDATE_KEY, INDEX_KEY, decode_candidate
 from search_spaces import build_space
 
 K = 6
@@ -34,6 +36,16 @@ def synthetic_trainable(config: dict) -> None:
 def slow_trainable(config: dict) -> None:
     """The same objective, slow enough that a driver can be killed mid-search."""
     time.sleep(0.4)
+    synthetic_trainable(config)
+
+
+def crash_once_trainable(config: dict) -> None:
+    """Kills its worker process the first time it sees trial 3 (a marker file next to the candidate store
+    remembers it), as a node or worker dying under a trial does; every other call is `synthetic_trainable`."""
+    marker = Path(config[CANDIDATE_KEY]).parent.parent / "crashed-once"
+    if config[INDEX_KEY] == 3 and not marker.exists():
+        marker.touch()
+        os._exit(1)
     synthetic_trainable(config)
 
 

@@ -27,7 +27,8 @@ from lcsc_ray.search.searcher import LcscNevergradSearch, decode_candidate, load
 from lcsc_ray.search.tuner import run_search
 from search_spaces import build_space
 from cli_runs import trial_scores
-from search_synthetic import BASELINES, K, SPACE, TARGET, objective, slow_trainable, synthetic_trainable
+from search_synthetic import (BASELINES, K, SPACE, TARGET, crash_once_trainable, objective, slow_trainable,
+                              synthetic_trainable)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -242,6 +243,15 @@ def test_lcsc_es_search_runs_the_budget_and_tells_the_baselines(local_ray, tmp_p
     assert np.all(np.diff(curve) <= 0) and curve[-1] == table.best().score
     assert table.best().score < 0.7 * min(objective(alpha) for alpha in BASELINES.values())
     assert np.isclose(table.best().alpha.sum(), 1.0)
+
+
+def test_trial_that_errors_past_its_retries_is_rerun_and_the_budget_completes(local_ray, tmp_path, capsys):
+    """max_failures=0: the worker dying under trial 3 puts it in ERROR; the search re-runs it once at the end."""
+    table = _search(tmp_path, "crash", num_trials=10, trainable=crash_once_trainable, max_failures=0)
+    assert (tmp_path / "crash" / "crashed-once").exists()
+    assert len(table.rows) == 10 and table.num_errored == 0 and len(table.told) == 10
+    assert sorted(row.index for row in table.rows) == list(range(10))
+    assert "1 trial(s) of crash ended in error" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("optimizer", ["TwoPointsDE", "CMA"])

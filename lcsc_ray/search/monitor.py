@@ -39,6 +39,7 @@ class SearchMonitor(tune.Callback):
         self.print_every_s, self.penalty, self.echo = print_every_s, penalty, echo
         self.input_error: str | None = None
         self.unfinished: int | None = None  # trials neither completed nor errored when the run ended
+        self.errored = 0  # trials that ended in ERROR (retries used up, or Tune gave up on them)
         self._started = time.monotonic()
         self._done_at_start: int | None = None
         self._last_print = 0.0
@@ -109,6 +110,7 @@ class SearchMonitor(tune.Callback):
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
         self.unfinished = sum(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials)
+        self.errored = sum(t.status == Trial.ERROR for t in trials)
 
 
 def input_error_message(trial: Trial) -> str | None:

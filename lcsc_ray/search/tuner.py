@@ -10,7 +10,8 @@ searcher (optimizer state, pending warm starts, suggestion counter) and the tria
 the experiment files, so a restored search runs on to the original count and does not re-suggest
 baselines it already ran. Ray silently starts a fresh experiment when its state file is missing or
 corrupt (RAY-NOTES), so this module checks the files first and refuses with a message instead.
-A run that ends early (Ctrl+C, or the monitor's stop on an input error, both through Tune's signal
+Trials that end in ERROR without an input problem (a lost node or worker) are re-run once through the
+same restore at the end, so the search completes its count. A run that ends early (Ctrl+C, or the monitor's stop on an input error, both through Tune's signal
 handler, which saves the state once more) is reported as an `LcscError`/`input_error` with the resume command,
 never as a finished search.
 """
@@ -210,6 +211,15 @@ def run_search(
             ),
         )
         budget = num_trials
+        monitor = _attach_monitor(tuner, name, budget, metric, penalty, progress)
+        grid = tuner.fit()
+    if monitor.errored and not monitor.input_error and not monitor.unfinished:
+        # A trial whose node or worker died can end in ERROR with retries left: Tune stops instead of
+        # recovering a trial whose second failure event arrives while it is already pending a retry. The
+        # candidate was never told, so the budget would come up short: re-run the errored trials once.
+        print(f"note: {monitor.errored} trial(s) of {name} ended in error (a lost node or worker); re-running "
+              f"them once")
+        tuner = tune.Tuner.restore(str(exp_dir), wrapped, resume_unfinished=True, resume_errored=True)
         monitor = _attach_monitor(tuner, name, budget, metric, penalty, progress)
         grid = tuner.fit()
     table = collect_results(grid, space, metric=metric, experiment_path=exp_dir)
