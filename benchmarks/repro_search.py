@@ -23,7 +23,7 @@ from lcsc_ray.checkpoints import CheckpointFile, discover_checkpoints
 from lcsc_ray.profiles import baseline_profiles
 from lcsc_ray.reference_stats import ensure_reference_stats
 from lcsc_ray.run_folder import load_run
-from lcsc_ray.scoring import CandidateScorer, ScoringSpec
+from lcsc_ray.scoring import ScoringSpec, cached_scorer
 from lcsc_ray.search.job import HELDOUT_SEED_OFFSET, run_job
 from lcsc_ray.search.optimizers import build_optimizer
 from lcsc_ray.search.searcher import LcscNevergradSearch, decode_candidate
@@ -84,7 +84,7 @@ class HeldoutScorer:
             run_dir=str(run_dir), files=tuple(files), extractor=preset["extractor"],
             reference_stats=str(ensure_reference_stats(run.config["data"], preset["extractor"])),
             sampler=sampler, sampler_options=sampler_options, device="cpu", threads=threads)
-        self.scorer = CandidateScorer(self.spec)
+        self.scorer = cached_scorer(self.spec)  # shared with evaluate_candidate in this process
         self.final_samples = final_samples
 
     def score(self, alpha: Sequence[float] | np.ndarray) -> float:
@@ -100,16 +100,15 @@ def training_ema_file(run_dir: Path) -> CheckpointFile:
 
 def ask_tell_search(optimizer: str, seed: int, trials: int, num_samples: int, final_samples: int,
                     run_dir: Path) -> dict[str, Any]:
-    """One search of `trials` candidates on the CM run `run_dir` (the digits-cm preset's space and baselines first, as the job
-    warm-starts) with the product's `LcscNevergradSearch` and `evaluate_candidate`, one at a time, on one
-    thread, without Tune. Returns the scores in tell order and the held-out score of the best candidate.
+    """One search of `trials` candidates on the CM run `run_dir` (the digits-cm preset's space, its baselines
+    first as the job warm-starts) with the product's `LcscNevergradSearch` and `evaluate_candidate`, one at a
+    time, on one thread, without Tune. Returns the scores in tell order and the held-out score of the best candidate.
     Runs in a worker process of its own (item 4 runs two at a time)."""
     preset = load_preset("digits-cm")
-    run = load_run(run_dir)
-    files = tuple(discover_checkpoints(run.checkpoint_dir))
-    spec = ScoringSpec(run_dir=str(run_dir), files=files, extractor=preset["extractor"],
-                       reference_stats=str(ensure_reference_stats(run.config["data"], preset["extractor"])),
-                       device="cpu", threads=1)
+    files = tuple(discover_checkpoints(load_run(run_dir).checkpoint_dir))
+    heldout = HeldoutScorer(run_dir, files, kind="cm", final_samples=final_samples, sampler="onestep",
+                            sampler_options={}, threads=1)
+    spec = heldout.spec  # the search and the held-out re-scoring share one scorer (one stack) per process
     space = build_space(preset["space"], len(files), bound=preset["bound"], sigma=preset.get("sigma"))
     warm = baseline_profiles([f.step for f in files], preset["ema"], preset.get("phema", ()))
     opt = build_optimizer(optimizer, space.parametrization(), budget=trials, num_workers=1, seed=seed)
@@ -124,6 +123,4 @@ def ask_tell_search(optimizer: str, seed: int, trials: int, num_samples: int, fi
             told.append(float(report["score"]))
             if report["score"] < best[0]:
                 best = (report["score"], space.to_coefficients(decode_candidate(config)[0]))
-    heldout = HeldoutScorer(run_dir, files, kind="cm", final_samples=final_samples, sampler="onestep",
-                            sampler_options={}, threads=1).score(best[1])
-    return {"optimizer": optimizer, "seed": seed, "told": told, "heldout": heldout}
+    return {"optimizer": optimizer, "seed": seed, "told": told, "heldout": heldout.score(best[1])}

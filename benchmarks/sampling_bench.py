@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lcsc_ray.checkpoints import discover_checkpoints  # noqa: E402
+from merge_bench import best_time  # noqa: E402 - benchmarks/ is this script's folder
 from lcsc_ray.noise import FixedNoise  # noqa: E402
 from lcsc_ray.reference_stats import ensure_reference_stats  # noqa: E402
 from lcsc_ray.run_folder import load_run  # noqa: E402
@@ -30,21 +30,11 @@ from lcsc_ray.training.demo import ensure_demo_run  # noqa: E402
 from search_spaces import load_preset  # noqa: E402
 
 
-def best_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def matmul_peak(threads: int, size: int = 1024, repeats: int = 10) -> float:
     """FLOP/s of the best of `repeats` float32 [size, size] @ [size, size] products (2·size³ FLOPs each)."""
     torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / best_seconds(lambda: a @ b, repeats)
+    return 2 * size**3 / best_time(lambda: a @ b, repeats, sync=lambda: None)
 
 
 def main() -> None:
@@ -78,7 +68,7 @@ def main() -> None:
                     for start in range(0, args.samples, batch):
                         scorer.sampler.sample(scorer.net, noise, start, min(batch, args.samples - start))
 
-            seconds = best_seconds(sample_all, args.repeats)
+            seconds = best_time(sample_all, args.repeats, sync=lambda: None)
             peak = matmul_peak(threads)
             print(f"digits {kind.upper()} ({scorer.sampler.name}, {scorer.sampler.nfe} NFE), {threads} thread(s): "
                   f"{seconds * 1e3:.0f} ms for {args.samples} samples, {flops / 1e9:.2f} GFLOP = "

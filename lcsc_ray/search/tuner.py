@@ -11,9 +11,9 @@ the experiment files, so a restored search runs on to the original count and doe
 baselines it already ran. Ray silently starts a fresh experiment when its state file is missing or
 corrupt (RAY-NOTES), so this module checks the files first and refuses with a message instead.
 Trials that end in ERROR without an input problem (a lost node or worker) are re-run once through the
-same restore at the end, so the search completes its count. A run that ends early (Ctrl+C, or the monitor's stop on an input error, both through Tune's signal
-handler, which saves the state once more) is reported as an `LcscError`/`input_error` with the resume command,
-never as a finished search.
+same restore at the end, so the search completes its count. A run that ends early (Ctrl+C, or the
+monitor's stop on an input error, both through Tune's signal handler, which saves the state once more) is
+reported as an `LcscError`/`input_error` with the resume command, never as a finished search.
 """
 
 from __future__ import annotations
@@ -170,10 +170,8 @@ def run_search(
             )
         if manifest["num_trials"] != num_trials:
             print(f"note: resuming {name} to its original budget of {manifest['num_trials']} trials")
-        tuner = tune.Tuner.restore(str(exp_dir), wrapped, resume_unfinished=True, resume_errored=True)
         budget = manifest["num_trials"]
-        monitor = _attach_monitor(tuner, name, budget, metric, penalty, progress)
-        grid = tuner.fit()
+        grid, monitor = _fit(_restore(exp_dir, wrapped), name, budget, metric, penalty, progress)
     else:
         if num_trials < 1:
             raise LcscError(f"--num-trials must be at least 1, got {num_trials}")
@@ -211,23 +209,32 @@ def run_search(
             ),
         )
         budget = num_trials
-        monitor = _attach_monitor(tuner, name, budget, metric, penalty, progress)
-        grid = tuner.fit()
+        grid, monitor = _fit(tuner, name, budget, metric, penalty, progress)
     if monitor.errored and not monitor.input_error and not monitor.unfinished:
         # A trial whose node or worker died can end in ERROR with retries left: Tune stops instead of
         # recovering a trial whose second failure event arrives while it is already pending a retry. The
         # candidate was never told, so the budget would come up short: re-run the errored trials once.
         print(f"note: {monitor.errored} trial(s) of {name} ended in error (a lost node or worker); re-running "
               f"them once")
-        tuner = tune.Tuner.restore(str(exp_dir), wrapped, resume_unfinished=True, resume_errored=True)
-        monitor = _attach_monitor(tuner, name, budget, metric, penalty, progress)
-        grid = tuner.fit()
+        grid, monitor = _fit(_restore(exp_dir, wrapped), name, budget, metric, penalty, progress)
     table = collect_results(grid, space, metric=metric, experiment_path=exp_dir)
     table.input_error = monitor.input_error
     if not table.input_error and monitor.unfinished:
         raise LcscError(f"search {name} was interrupted with {len(table.rows)} of {budget} trials completed; "
                         f"continue it with --resume --name {name} --storage {exp_dir.parent}")
     return table
+
+
+def _restore(exp_dir: Path, trainable: Any) -> tune.Tuner:
+    """The experiment's Tuner as last saved, set to run its unfinished and errored trials again."""
+    return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+
+
+def _fit(tuner: tune.Tuner, name: str, num_trials: int, metric: str, penalty: float,
+         progress: bool) -> tuple[Any, SearchMonitor]:
+    """Run the tuner with this process's monitor attached; the result grid and the monitor."""
+    monitor = _attach_monitor(tuner, name, num_trials, metric, penalty, progress)
+    return tuner.fit(), monitor
 
 
 def _attach_monitor(tuner: tune.Tuner, name: str, num_trials: int, metric: str, penalty: float,
