@@ -1,4 +1,4 @@
-"""Metric-stack benchmark (issue 4): per-candidate Fréchet distance, ours vs pytorch-fid, and the
+"""Metric-stack benchmark: per-candidate Fréchet distance, ours vs pytorch-fid, and the
 features + statistics throughput of the digits extractor and of InceptionV3 (random weights: same cost).
 
     python benchmarks/fid_bench.py [--device cpu|cuda] [--repeats 3]
@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import argparse
 import statistics as stats_module
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
 
-from lcsc_ray.features import build_extractor  # noqa: E402
-from lcsc_ray.frechet import FrechetReference  # noqa: E402
-from lcsc_ray.statistics import RunningStats  # noqa: E402
+from lcsc_ray.features import build_extractor
+from lcsc_ray.frechet import FrechetReference
+from lcsc_ray.statistics import RunningStats
 
 
 def seconds(function, repeats: int) -> tuple[float, object]:

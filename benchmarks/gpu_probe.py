@@ -1,4 +1,4 @@
-"""GPU measurements that the CPU benchmarks do not make (issue 7 item 6); run by benchmarks/gpu_check.sh.
+"""GPU measurements that the CPU benchmarks do not make (item 6 of docs/RESULTS.md); run by benchmarks/gpu_check.sh.
 
     python benchmarks/gpu_probe.py [--device cuda] [--inception-images 2000] [--trial-samples 5000]
 
@@ -8,15 +8,14 @@ Prints one table:
   feature sets' statistics and the reference (how much bf16 moves the score);
 - one full LCSC trial (merge -> 2-step CM sampling -> Inception features -> Fréchet distance) on a
   CIFAR-10-sized U-Net with random weights (K checkpoints), with the time of each stage.
-Uses the FID Inception weights from torch hub's cache when present; otherwise a randomly initialised
-InceptionV3 of the same shape (timings are the same; the FID values are then not meaningful) and says so.
+Uses the FID Inception weights from torch hub's cache when present; otherwise the `inception-random` extractor
+(the same network with random weights: the same timings, and distances labelled fd_inception_random, not FID).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,16 +24,15 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lcsc_ray.checkpoints import discover_checkpoints  # noqa: E402
-from lcsc_ray.features import build_extractor  # noqa: E402
-from lcsc_ray.features.inception import hub_weights_path  # noqa: E402
-from lcsc_ray.reference_stats import ReferenceStats, save_reference_stats  # noqa: E402
-from lcsc_ray.run_folder import load_run  # noqa: E402
-from lcsc_ray.scoring import CandidateScorer, ScoringSpec  # noqa: E402
-from lcsc_ray.stack import CheckpointStack  # noqa: E402
-from lcsc_ray.statistics import RunningStats  # noqa: E402
+from lcsc_ray.checkpoints import discover_checkpoints
+from lcsc_ray.features import build_extractor
+from lcsc_ray.features.inception import hub_weights_path
+from lcsc_ray.reference_stats import ReferenceStats, save_reference_stats
+from lcsc_ray.run_folder import load_run
+from lcsc_ray.scoring import CandidateScorer, ScoringSpec
+from lcsc_ray.stack import CheckpointStack
+from lcsc_ray.statistics import RunningStats
 
 CIFAR_UNET = {"in_channels": 3, "channels": 128, "channel_mult": [1, 2, 2, 2], "num_blocks": 2, "attention": True, "dropout": 0.0}
 
@@ -54,10 +52,10 @@ def cuda_seconds(fn, repeats: int, device: torch.device) -> float:
     return float(np.median(times))
 
 
-def write_run(folder: Path, num_checkpoints: int) -> Path:
-    """A CIFAR-10-sized CM run folder: run.json + K checkpoints of one random U-Net, each save moving every
-    tensor by ~1% of its RMS (a late-training-like trajectory)."""
-    config = {"format": 1, "kind": "cm", "model": {"factory": "unet", "kwargs": CIFAR_UNET}, "data": "random",
+def write_run(folder: Path, num_checkpoints: int, model: dict = CIFAR_UNET) -> Path:
+    """A CIFAR-10-sized CM run folder: run.json + K checkpoints of one random U-Net (`model`: its kwargs), each
+    save moving every tensor by ~1% of its RMS (a late-training-like trajectory)."""
+    config = {"format": 1, "kind": "cm", "model": {"factory": "unet", "kwargs": model}, "data": "random",
               "image_shape": [3, 32, 32], "precond": {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "sigma_data": 0.5}}
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps(config))
@@ -71,16 +69,12 @@ def write_run(folder: Path, num_checkpoints: int) -> Path:
     return folder
 
 
-def inception_weights(folder: Path) -> tuple[str, bool]:
-    """(weights path, real?): the FID weights if cached, else a random InceptionV3 of the same layout."""
+def inception_extractor() -> tuple[str, str | None]:
+    """(extractor name, weights path): FID's InceptionV3 when its weights are cached, else the same network with
+    random weights, named `inception-random` so its distances are never called FID."""
     if hub_weights_path().is_file():
-        return str(hub_weights_path()), True
-    import torchvision
-
-    path = folder / "random_inception.pth"
-    torch.save(torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None,
-                                               init_weights=True).state_dict(), path)
-    return str(path), False
+        return "inception", str(hub_weights_path())
+    return "inception-random", None
 
 
 def feature_stats(extractor, images: torch.Tensor, batch: int, bf16: bool) -> RunningStats:
@@ -121,8 +115,9 @@ def main() -> None:
                      f"{2 * read / copy_s / 1e9:.0f} GB/s (read+write); merge/copy-read ratio "
                      f"{(read / merge_s) / (read / copy_s):.2f}"))
 
-        weights, real = inception_weights(Path(tmp))
-        extractor = build_extractor("inception", device=device, inception_weights=weights)
+        extractor_name, weights = inception_extractor()
+        real = weights is not None
+        extractor = build_extractor(extractor_name, device=device, inception_weights=weights)
         generator = torch.Generator().manual_seed(0)
         images = torch.rand(args.inception_images, 3, 32, 32, generator=generator) * 2 - 1
         reference = torch.rand(args.inception_images, 3, 32, 32, generator=generator) * 1.6 - 0.8
@@ -143,8 +138,9 @@ def main() -> None:
 
         stats_path = Path(tmp) / "ref.npz"
         save_reference_stats(stats_path, ReferenceStats(ref_stats.mean().cpu().numpy(), ref_stats.covariance().cpu().numpy(),
-                                                        {"extractor": "inception", "metric_name": "fid", "dataset": "random"}))
-        spec = ScoringSpec(run_dir=str(folder), files=tuple(files), reference_stats=str(stats_path), extractor="inception",
+                                                        {"extractor": extractor.name, "metric_name": extractor.metric_name,
+                                                         "dataset": "random"}))
+        spec = ScoringSpec(run_dir=str(folder), files=tuple(files), reference_stats=str(stats_path), extractor=extractor.name,
                            sampler="multistep", sampler_options={"steps": 18, "ts": [0, 10]}, inception_weights=weights,
                            batch_size=args.batch_size, device=str(device))
         scorer = CandidateScorer(spec)

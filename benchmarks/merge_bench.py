@@ -1,4 +1,4 @@
-"""Merge-engine benchmark (issue 2): throughput against a same-run roofline, speed-up over a naive merge,
+"""Merge-engine benchmark: throughput against a same-run roofline, speed-up over a naive merge,
 and the error of the bfloat16-delta stack.
 
 Writes K checkpoints of a >= 10M-parameter model to a temporary folder (the late-training-like run moves
@@ -15,7 +15,6 @@ each tensor ~1% of its RMS per save), then prints:
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,10 +23,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lcsc_ray.checkpoints import discover_checkpoints  # noqa: E402
-from lcsc_ray.stack import CheckpointStack  # noqa: E402
+from lcsc_ray.checkpoints import discover_checkpoints
+from lcsc_ray.stack import CheckpointStack
 
 
 def build_model(width: int, layers: int) -> torch.nn.Module:
@@ -99,7 +97,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model = build_model(args.width, args.layers).to(device)
     num_params = sum(p.numel() for p in model.parameters())
-    # Shaped like the solutions LCSC finds (LCSC-NOTES section 1): many near zero, a few of large magnitude
+    # Shaped like the solutions LCSC finds (docs/METHOD.md): many near zero, a few of large magnitude
     # (|α| > 6 reported) and negative ones, summing to 1.
     rng = np.random.default_rng(0)
     alpha = 0.02 * rng.normal(size=args.checkpoints)

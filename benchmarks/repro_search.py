@@ -1,4 +1,4 @@
-"""The experiments behind docs/RESULTS.md items 1-4 (issue 7), each built from the product's own paths.
+"""The experiments behind docs/RESULTS.md items 1-4, each built from the product's own paths.
 
 Searches go through `lcsc_ray.search.job.run_job` (the code behind `launch/tune_cm.py`), so every number is
 what a user of the tool would get. The optimizer comparison (item 4, 12,000 evaluations) drives the product's

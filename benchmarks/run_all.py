@@ -1,5 +1,5 @@
 """Regenerate docs/RESULTS.md and its plots (docs/results/*.png): does LCSC deliver on the embedded digits
-runs, and how fast is the search? (issue 7). Every number in RESULTS.md is produced by this script.
+runs, and how fast is the search? Every number in RESULTS.md is produced by this script.
 
     python benchmarks/run_all.py            # --quick (default): under an hour on 2 CPU cores
     python benchmarks/run_all.py --full     # bigger searches and more held-out samples: hours on 2 cores
@@ -33,20 +33,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from lcsc_ray.atomic import atomic_path, atomic_write_text  # noqa: E402
-from lcsc_ray.checkpoints import discover_checkpoints  # noqa: E402
-from lcsc_ray.errors import run_cli  # noqa: E402
-from lcsc_ray.paths import cache_dir  # noqa: E402
-from lcsc_ray.run_folder import load_run  # noqa: E402
-from lcsc_ray.training.demo import ensure_demo_run  # noqa: E402
-from repro_search import (HeldoutScorer, SearchRun, ask_tell_search, first_fraction_run, search,  # noqa: E402
+from lcsc_ray.atomic import atomic_write_text
+from lcsc_ray.checkpoints import discover_checkpoints
+from lcsc_ray.errors import run_cli
+from lcsc_ray.images import new_figure, save_figure
+from lcsc_ray.paths import cache_dir
+from lcsc_ray.run_folder import load_run
+from lcsc_ray.training.demo import ensure_demo_run
+from repro_search import (HeldoutScorer, SearchRun, ask_tell_search, first_fraction_run, search,
                           training_ema_file)
-from search_spaces import load_preset  # noqa: E402
+from search_spaces import load_preset
 
 # Sizes per mode. cm_trials/dm_trials: search budget (baselines included); *_final: held-out samples.
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -82,24 +81,6 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
-def new_figure(cols: int = 1):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(1, cols, figsize=(6.5 * cols, 4.2), dpi=110, squeeze=False)
 
 
 # ---------------------------------------------------------------------------------------------------- items
@@ -237,7 +218,7 @@ def item2_fewer_steps(cfg: dict, storage: Path, plots: Path, item1: dict[str, li
 
 
 def _karras_sigma(run_dir: Path, index: int) -> float:
-    """σ at `index` of the TWO_STEP_GRID-point Karras grid of the run (LCSC-NOTES §3)."""
+    """σ at `index` of the TWO_STEP_GRID-point Karras grid of the run (lcsc_ray/precond.py)."""
     from lcsc_ray.sampling import build_sampler
 
     sampler = build_sampler(load_run(run_dir), "multistep", steps=TWO_STEP_GRID, ts=[0, index])
@@ -425,7 +406,7 @@ def machine_header(mode: str, runs: dict[str, Path], version: str, started: _dt.
         f"{platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}, nevergrad {nevergrad.__version__}",
         "- metric: fd_digits, the Fréchet distance on a small digits classifier's features (not FID: no Inception "
         "on 8x8 digits); search scores use the fixed search noise, held-out scores a different noise seed "
-        "(LCSC-NOTES §1).",
+        "(docs/METHOD.md, \"Held-out re-scoring\").",
         f"- mode `{mode}`: " + ", ".join(f"{k}={v}" for k, v in SETTINGS[mode].items()),
         "- training runs: " + "; ".join(f"{kind.upper()} {describe_run(path)}" for kind, path in runs.items()),
         "",
@@ -436,10 +417,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="default sizes (under an hour on 2 cores)")
-    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="the issue's sizes (hours on 2 cores)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="bigger searches and more held-out samples (hours on 2 cores)")
     mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
                       help="tiny sizes to check the script; numbers meaningless")
-    parser.add_argument("--output", default=str(REPO / "docs" / "RESULTS.md"), help="report path; plots go to results/ next to it")
+    parser.add_argument("--out", default=str(REPO / "docs" / "RESULTS.md"), help="report path; plots go to results/ next to it")
     parser.add_argument("--workdir", help="scratch folder for searches (default: a temp folder, deleted at the end)")
     parser.add_argument("--skip-speed", action="store_true", help="leave item 5 out")
     for kind in ("cm", "dm"):
@@ -450,7 +431,7 @@ def main() -> None:
     cfg = dict(SETTINGS[mode_name])
     cfg["runs"] = {kind: Path(getattr(args, f"{kind}_run")).resolve() if getattr(args, f"{kind}_run")
                    else ensure_demo_run(kind) for kind in ("cm", "dm")}
-    output = Path(args.output).resolve()
+    output = Path(args.out).resolve()
     plots = output.parent / "results"
     plots.mkdir(parents=True, exist_ok=True)
     work = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="lcsc-run-all-"))

@@ -18,16 +18,14 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lcsc_ray.checkpoints import discover_checkpoints  # noqa: E402
-from merge_bench import best_time  # noqa: E402 - benchmarks/ is this script's folder
-from lcsc_ray.noise import FixedNoise  # noqa: E402
-from lcsc_ray.reference_stats import ensure_reference_stats  # noqa: E402
-from lcsc_ray.run_folder import load_run  # noqa: E402
-from lcsc_ray.scoring import CandidateScorer, ScoringSpec  # noqa: E402
-from lcsc_ray.training.demo import ensure_demo_run  # noqa: E402
-from search_spaces import load_preset  # noqa: E402
+from lcsc_ray.checkpoints import discover_checkpoints
+from merge_bench import best_time  # benchmarks/ is on sys.path: the script's own folder
+from lcsc_ray.noise import FixedNoise
+from lcsc_ray.reference_stats import ensure_reference_stats
+from lcsc_ray.run_folder import load_run
+from lcsc_ray.scoring import CandidateScorer, ScoringSpec
+from lcsc_ray.training.demo import ensure_demo_run
+from search_spaces import load_preset
 
 
 def matmul_peak(threads: int, size: int = 1024, repeats: int = 10) -> float:

@@ -12,28 +12,26 @@ trials/s with 1 and 2 concurrent trials (the scaling on this machine).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-from ray import tune  # noqa: E402
+import numpy as np
+import ray
+from ray import tune
 
-from lcsc_ray.checkpoints import discover_checkpoints  # noqa: E402
-from lcsc_ray.cluster import start_ray  # noqa: E402
-from lcsc_ray.profiles import baseline_profiles  # noqa: E402
-from lcsc_ray.reference_stats import ensure_reference_stats  # noqa: E402
-from lcsc_ray.run_folder import load_run  # noqa: E402
-from lcsc_ray.scoring import CandidateScorer, ScoringSpec  # noqa: E402
-from lcsc_ray.search.trial import PENALTY_SCORE, LcscTrial  # noqa: E402
-from lcsc_ray.search.tuner import run_search  # noqa: E402
-from lcsc_ray.training.demo import ensure_demo_run  # noqa: E402
-from search_spaces import load_preset  # noqa: E402
-from search_spaces.spaces import build_space  # noqa: E402
+from lcsc_ray.checkpoints import discover_checkpoints
+from lcsc_ray.cluster import start_ray
+from lcsc_ray.profiles import baseline_profiles
+from lcsc_ray.reference_stats import ensure_reference_stats
+from lcsc_ray.run_folder import load_run
+from lcsc_ray.scoring import CandidateScorer, ScoringSpec
+from lcsc_ray.search.trial import PENALTY_SCORE, LcscTrial
+from lcsc_ray.search.tuner import run_search
+from lcsc_ray.training.demo import ensure_demo_run
+from search_spaces import load_preset
+from search_spaces.spaces import build_space
 
 
 def main() -> None:

@@ -1,14 +1,13 @@
 """Checkpoints on disk: find the files of one training run, parse their steps, select, and load safely.
 
-Supported layouts (LCSC-NOTES section 1: the inputs are the checkpoints θ₁…θ_K of one run, saved at
-steps n₁ < … < n_K):
+Supported layouts (the inputs are the checkpoints θ₁…θ_K of one run, saved at steps n₁ < … < n_K):
 - files `<name><step>.{safetensors,pt,pth,bin,ckpt}` in one folder (`model_0040000.safetensors`,
   `model_040000.pt`, `ckpt_800000.pth`, OpenAI's `ema_0.9999_800000.pt`): the step is the last run of
   digits in the file name, or the `step` group of the user's `--ckpt-pattern`;
 - sub-folders `checkpoint-<step>/` holding one weights file (`model.safetensors`, `pytorch_model.bin`, ...).
 
-Loading never unpickles arbitrary objects: safetensors, or `torch.load(weights_only=True)` (LCSC-NOTES,
-project standards). A `.pt` file may hold the state dict itself or a dict holding it under a key such as
+Loading never unpickles arbitrary objects: safetensors, or `torch.load(weights_only=True)`: a checkpoint
+from elsewhere must not be able to run code. A `.pt` file may hold the state dict itself or a dict holding it under a key such as
 `model`/`ema`/`state_dict`/`model_ema`; `ckpt_key` picks one, and an ambiguous file says which keys exist.
 """
 
@@ -155,7 +154,7 @@ def discover_checkpoints(directory: str | Path, pattern: str | None = None) -> l
 
 def select_checkpoints(files: Sequence[CheckpointFile], *, window: int | None = None, interval: int = 1,
                        max_count: int | None = None) -> list[CheckpointFile]:
-    """Pick checkpoints the way the paper's settings are stated (LCSC-NOTES section 1: "window 40K,
+    """Pick checkpoints the way the paper's settings are stated (docs/METHOD.md: "window 40K,
     interval 100" gives 400 checkpoints).
 
     window: keep steps n > n_K − window (the last `window` training iterations); interval: every
@@ -245,19 +244,48 @@ def _load_torch(file: CheckpointFile, ckpt_key: str | None) -> LoadedCheckpoint:
     return LoadedCheckpoint(dict(state), key_path, None)
 
 
-def load_checkpoint(file: CheckpointFile, ckpt_key: str | None = None) -> LoadedCheckpoint:
+def layout_difference(reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:
+    """The first way `state` differs from `reference` in tensor names, shapes or floating/integer kind, as a
+    phrase about `state` ("key 'x' is missing", ...), or None when both have the same layout."""
+    missing = [name for name in reference if name not in state]
+    extra = [name for name in state if name not in reference]
+    counts = f" ({len(missing)} missing, {len(extra)} extra keys in all)"
+    if missing:
+        return f"key {missing[0]!r} is missing{counts}"
+    if extra:
+        return f"it holds key {extra[0]!r}, which is absent{counts}"
+    for name, tensor in state.items():
+        ref = reference[name]
+        if tuple(tensor.shape) != tuple(ref.shape):
+            return f"tensor {name!r} has shape {list(tensor.shape)} instead of {list(ref.shape)}"
+        if tensor.is_floating_point() != ref.is_floating_point():
+            return f"tensor {name!r} is {tensor.dtype} instead of {ref.dtype}"
+    return None
+
+
+def load_checkpoint(file: CheckpointFile, ckpt_key: str | None = None,
+                    strip_prefix: str | None = None) -> LoadedCheckpoint:
     """Load one checkpoint safely and check that every floating-point tensor is finite.
 
-    Returns the state dict with where it sat in the file, so an export can rebuild the same layout.
+    `strip_prefix` removes a prefix every key carries (`module.` from a DDP-wrapped model). Returns the state
+    dict with where it sat in the file, so an export can rebuild the same layout.
     """
     loaded = (_load_safetensors if file.format == "safetensors" else _load_torch)(file, ckpt_key)
+    if strip_prefix:
+        without = [name for name in loaded.state_dict if not name.startswith(strip_prefix)]
+        if without:
+            raise LcscError(f"{file.path}: key {without[0]!r} does not start with --strip-key-prefix "
+                            f"{strip_prefix!r}; drop the flag or give the prefix every key has")
+        loaded = LoadedCheckpoint({name[len(strip_prefix):]: tensor for name, tensor in loaded.state_dict.items()},
+                                  loaded.key_path, loaded.metadata)
     for name, tensor in loaded.state_dict.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise LcscError(f"{file.path}: tensor {name!r} holds NaN or Inf; the run diverged at step "
-                            f"{file.step}: leave it out (--window/--max-checkpoints) or fix the run")
+            raise LcscError(f"{file.path}: tensor {name!r} holds NaN or Inf (the run diverged at step {file.step}); "
+                            f"leave it out with --exclude-steps {file.step}, or fix the run")
     return loaded
 
 
-def load_state_dict(file: CheckpointFile, ckpt_key: str | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict(file: CheckpointFile, ckpt_key: str | None = None,
+                    strip_prefix: str | None = None) -> dict[str, torch.Tensor]:
     """The validated state dict of one checkpoint (see `load_checkpoint`)."""
-    return load_checkpoint(file, ckpt_key).state_dict
+    return load_checkpoint(file, ckpt_key, strip_prefix).state_dict

@@ -13,13 +13,8 @@ import json
 import os
 import sys
 import urllib.request
-from pathlib import Path
 
 import ray
-
-import lcsc_ray
-
-REPO_ROOT = Path(lcsc_ray.__file__).resolve().parents[1]
 
 LOOPBACK_HOSTS = {"localhost"}
 
@@ -50,10 +45,9 @@ def start_ray(
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     if ray.is_initialized():
         return None
-    # Workers import lcsc_ray and search_spaces from this checkout (on a multi-node cluster the checkout
-    # must sit at the same path on every node, like the checkpoints).
-    python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    runtime_env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0", "PYTHONPATH": python_path}}
+    # Workers import lcsc_ray and search_spaces from the installed package: on a multi-node cluster every node
+    # runs the same environment (`pip install -r requirements.txt`), like the same path for the checkpoints.
+    runtime_env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
     if address:
         # Dashboard flags belong to `ray start --head` on an existing cluster; Ray ignores them here.
         context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=not quiet)

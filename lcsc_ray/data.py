@@ -120,7 +120,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _load_cifar10(folder: Path) -> np.ndarray:
-    """The 50,000 CIFAR-10 training images (the FID reference set in LCSC-NOTES §1) as uint8 NCHW."""
+    """The 50,000 CIFAR-10 training images (the paper's FID reference set) as uint8 NCHW."""
     if (folder / "cifar-10-batches-py").is_dir():
         folder = folder / "cifar-10-batches-py"
     files = [folder / f"data_batch_{i}" for i in range(1, 6)]

@@ -1,7 +1,7 @@
 """One call for the search: stream generated batches -> features -> running statistics -> Fréchet distance.
 
 The expensive, candidate-independent work (building the extractor, √Σ_ref) happens once in `Evaluator`;
-`evaluate` then costs sampling + feature extraction + one `eigvalsh` (LCSC-NOTES §4). Memory is bounded by
+`evaluate` then costs sampling + feature extraction + one `eigvalsh` (docs/METHOD.md, "Scoring"). Memory is bounded by
 d × d: the float64 sums always, and while fewer than d samples have arrived also the features themselves,
 which the n × n Gram form needs (n < d features take less room than the d × d covariance).
 """

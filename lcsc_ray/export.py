@@ -38,7 +38,7 @@ def export_path(stack: CheckpointStack, out_path: str | Path) -> Path:
 
 def export_merged(stack: CheckpointStack, alpha: np.ndarray | torch.Tensor, out_path: str | Path, *,
                   metrics: dict | None = None, extra: dict | None = None) -> Path:
-    """Write θ(α) (LCSC-NOTES section 1) next to a JSON sidecar; return the weights file's path."""
+    """Write θ(α) = Σᵢ αᵢ θᵢ next to a JSON sidecar; return the weights file's path."""
     target = export_path(stack, out_path)
     coefficients = np.asarray(alpha.detach().cpu() if isinstance(alpha, torch.Tensor) else alpha, dtype=np.float64)
     state = stack.merged_state_dict(coefficients)

@@ -1,6 +1,6 @@
 """Fréchet distance between Gaussians fitted to features, with the reference's square root computed once.
 
-LCSC-NOTES §4: FD = ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr √(Σ₁ Σ₂)  (Dowson & Landau 1982; the
+FD = ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr √(Σ₁ Σ₂)  (Dowson & Landau 1982; the
 FID of Heusel et al. 2017 is this on InceptionV3 pool3 features). pytorch-fid evaluates the last term with scipy's
 `sqrtm` of the non-symmetric product, seconds to minutes at d = 2048. Here, with S = √Σ_ref (symmetric PSD,
 from one `eigh` per search):
@@ -13,12 +13,11 @@ because Σ_ref Σ_gen = S (S Σ_gen) has the eigenvalues of (S Σ_gen) S, a symm
 
     A Aᵀ = X Σ_ref Xᵀ / (n − 1)                                                                (Gram form)
 
-an n × n matrix. Everything is float64. On the CPU numpy's LAPACK `eigvalsh` is used (measured faster than
-torch's on this machine: 0.41 s vs 0.71 s at d = 2048); on a GPU, torch float64 on the device.
+an n × n matrix. Everything is float64. On the CPU numpy's LAPACK `eigvalsh` is used (faster than torch's
+on the CPUs measured: docs/ARCHITECTURE.md, "Measurements behind defaults"); on a GPU, torch float64 on the device.
 
-CPU threads: numpy's OpenBLAS runs on one thread here by default (`cpu_threads=1`). On this shared 2-core
-machine with other processes busy, a 2-thread `eigvalsh` at d = 2048 took 9.6 s wall (5.3 s CPU, spinning)
-against 1.5 s on one thread; a search also runs several trials side by side, each with its own CPU.
+CPU threads: numpy's BLAS runs on one thread here by default (`cpu_threads=1`): a search runs several
+trials side by side, each with its own CPU, and extra BLAS threads then only spin against each other.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ def _check_finite(name: str, value: Array) -> None:
 
 
 def _clamped_eigenvalues(eigenvalues: Array, name: str) -> Array:
-    """Eigenvalues of a PSD matrix with rounding noise removed (LCSC-NOTES §4: clamp tiny negatives).
+    """Eigenvalues of a PSD matrix with rounding noise removed (clamp tiny negatives).
 
     `eigvalsh` returns the zero eigenvalues of a rank-deficient matrix (n < d samples, dead features) as
     ±d·ε·λ_max noise; their square roots would add a positive bias of √(d·ε·λ_max) each (1e-6 relative was
@@ -155,7 +154,7 @@ class FrechetReference:
 
 
 def frechet_distance(mu1: Array, sigma1: Array, mu2: Array, sigma2: Array) -> float:
-    """Exact FD between N(mu1, sigma1) and N(mu2, sigma2) (LCSC-NOTES §4), for one-off comparisons.
+    """Exact FD between N(mu1, sigma1) and N(mu2, sigma2), for one-off comparisons.
 
     A search should build one `FrechetReference` and reuse it instead.
     """

@@ -1,4 +1,4 @@
-"""Evaluation noise as a pure function of (seed, stream, sample index) (issue 3, item 7).
+"""Evaluation noise as a pure function of (seed, stream, sample index).
 
 Every candidate model in a search must see the same initial noise and the same per-step noise, whatever the
 batch size, the batch's position, or the number and kind of devices. Noise is therefore drawn on the CPU

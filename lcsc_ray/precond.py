@@ -1,6 +1,6 @@
 """Noise levels and network preconditioning for consistency models (CM) and EDM diffusion models (DM).
 
-Pure numerics, no I/O. Conventions are the OpenAI consistency-model ones (LCSC-NOTES §3) so that numbers
+Pure numerics, no I/O. Conventions are the OpenAI consistency-model ones (docs/METHOD.md) so that numbers
 stay comparable: σ_min 0.002, σ_max 80, ρ 7, σ_data 0.5. A raw network `F(x_in, c_noise)` is wrapped as
 
     CM:  f(x, σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ))   (boundary condition f(x, σ_min) = x)
@@ -37,7 +37,7 @@ class SigmaConfig:
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
     """The N-point Karras grid, descending from σ_max (index 0) to σ_min (index N-1), float64.
 
-    σᵢ = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ   (LCSC-NOTES §3; Karras et al. 2022, Eq. 5).
+    σᵢ = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ   (Karras et al. 2022, Eq. 5).
     With N=18 this is the grid of the published CIFAR-10 multistep sampler `ts=0,10,17` (σ₁₀ ≈ 1.09).
     """
     if n < 2:
@@ -56,7 +56,7 @@ def c_noise(sigma: torch.Tensor) -> torch.Tensor:
 def consistency_scalings(
     sigma: torch.Tensor, sigma_min: float = 0.002, sigma_data: float = 0.5
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(c_skip, c_out, c_in) of the boundary-condition parameterisation (LCSC-NOTES §3; Song et al. 2023, App. C):
+    """(c_skip, c_out, c_in) of the boundary-condition parameterisation (Song et al. 2023, App. C):
 
     c_skip = σ_d² / ((σ−σ_min)² + σ_d²),  c_out = (σ−σ_min)·σ_d / √(σ²+σ_d²),  c_in = 1/√(σ²+σ_d²),
     so c_skip(σ_min) = 1 and c_out(σ_min) = 0: f(x, σ_min) = x exactly.
@@ -92,7 +92,7 @@ def _per_sample(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
 def consistency_fn(
     net: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, sigma_min: float = 0.002, sigma_data: float = 0.5
 ) -> torch.Tensor:
-    """The consistency function f(x, σ) of a raw network (LCSC-NOTES §3); σ is a scalar or one per sample."""
+    """The consistency function f(x, σ) of a raw network (Song et al. 2023); σ is a scalar or one per sample."""
     sigma = _per_sample(sigma, x)
     return _apply(net, x, sigma, consistency_scalings(sigma, sigma_min, sigma_data))
 

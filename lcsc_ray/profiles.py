@@ -1,7 +1,7 @@
 """Baseline coefficient profiles over the saved checkpoints: newest, uniform average, EMA, post-hoc EMA.
 
-They are what LCSC must beat and what the search is seeded with (LCSC-NOTES section 1, "seeded with
-known-good profiles"). Each is a float64 numpy vector [K] over the checkpoints sorted by step that sums
+They are what LCSC must beat and what the search is seeded with (docs/METHOD.md, "Baselines and warm
+starts"). Each is a float64 numpy vector [K] over the checkpoints sorted by step that sums
 to 1. Pure numerics: no I/O, no torch.
 """
 
@@ -23,14 +23,14 @@ def newest_profile(num_checkpoints: int) -> np.ndarray:
 
 
 def uniform_profile(num_checkpoints: int) -> np.ndarray:
-    """αᵢ = 1/K: the uniform "model soup" average of the saved checkpoints (LCSC-NOTES section 5)."""
+    """αᵢ = 1/K: the uniform "model soup" average of the saved checkpoints."""
     _check_count(num_checkpoints)
     return np.full(num_checkpoints, 1.0 / num_checkpoints, dtype=np.float64)
 
 
 def ema_profile(steps: Sequence[int], beta: float) -> np.ndarray:
     """An EMA of the raw weights, updated every iteration, read at the newest saved step n_K, expressed
-    over the saved checkpoints θ₁…θ_K at steps n₁ < … < n_K (LCSC-NOTES section 1: a geometric profile
+    over the saved checkpoints θ₁…θ_K at steps n₁ < … < n_K (a geometric profile
     that depends on the step spacing).
 
     Derivation. The EMA e_t = β e_{t−1} + (1−β) w_t with e_0 = w_0 unrolls to
@@ -45,7 +45,7 @@ def ema_profile(steps: Sequence[int], beta: float) -> np.ndarray:
     nor lose the small differences.
     """
     if not 0.0 < beta < 1.0:
-        raise LcscError(f"EMA decay {beta} must lie strictly between 0 and 1 (e.g. --ema-beta 0.999)")
+        raise LcscError(f"EMA decay {beta} must lie strictly between 0 and 1 (e.g. --ema 0.999)")
     n = np.asarray(steps, dtype=np.float64)
     _check_count(len(n))
     if np.any(np.diff(n) <= 0):
@@ -69,7 +69,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 
 def posthoc_ema_profile(steps: Sequence[int], sigma_rel: float) -> np.ndarray:
     """EDM2's power-function EMA of width σ_rel read at the newest saved step, rebuilt from the saved raw
-    checkpoints (LCSC-NOTES section 5: a strong baseline that costs no search).
+    checkpoints: a strong baseline that costs no search.
 
     The power-function average at time T weighs the raw weights w_t with density (γ+1) t^γ / T^{γ+1} on
     [0, T]. EDM2 rebuilds it from two stored EMA profiles by least squares; from raw checkpoints the same

@@ -1,7 +1,7 @@
 """Reference statistics (μ, Σ of a dataset's features) as `.npz` files, pytorch-fid compatible.
 
 Format: float64 arrays `mu` [d] and `sigma` [d, d], exactly the keys `python -m pytorch_fid --save-stats`
-writes and reads (LCSC-NOTES §4), plus `lcsc_meta`, a JSON string (a unicode array, so loading never needs
+writes and reads, plus `lcsc_meta`, a JSON string (a unicode array, so loading never needs
 pickle) with the extractor name and identity, metric name, sample count and dataset. Files without
 `lcsc_meta` (pytorch-fid's own) load with empty metadata.
 """
@@ -105,7 +105,10 @@ def compute_reference_stats(images: torch.Tensor, extractor, *, batch_size: int 
 def ensure_reference_stats(dataset_spec: str, extractor_name: str, *, device: str | torch.device = "cpu",
                            inception_weights: str | None = None) -> Path:
     """Path of the statistics of `dataset_spec` under `extractor_name`, computed once and cached in
-    `cache_dir()/stats/` keyed by the dataset fingerprint and the extractor's identity (weights/recipe)."""
+    `cache_dir()/stats/` keyed by the dataset fingerprint and the extractor's identity (weights/recipe).
+
+    `device` ("auto", "cpu", "cuda", ...) is where the features are extracted: pass the search's `--device`,
+    so a GPU run does not push the whole reference dataset through the extractor on the driver's CPU."""
     from lcsc_ray.data import dataset_fingerprint, load_images
     from lcsc_ray.features import build_extractor
 

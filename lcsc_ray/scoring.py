@@ -15,16 +15,19 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from lcsc_ray.checkpoints import CheckpointFile
+from lcsc_ray.devices import resolve_device
+from lcsc_ray.errors import LcscError
 from lcsc_ray.evaluator import EvalResult, Evaluator
 from lcsc_ray.features import build_extractor
+from lcsc_ray.images import write_sample_grid
 from lcsc_ray.noise import FixedNoise
 from lcsc_ray.reference_stats import load_reference_stats
-from lcsc_ray.run_folder import load_run
-from lcsc_ray.sampling import build_sampler, generate_batches
-from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack, resolve_device
-from lcsc_ray.training.preview import write_sample_grid
+from lcsc_ray.run_folder import RunInfo, load_run
+from lcsc_ray.sampling import Sampler, build_sampler, generate_batches
+from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class ScoringSpec:
     reference_stats: str
     extractor: str
     ckpt_key: str | None = None
+    strip_key_prefix: str | None = None
     stack_dtype: str = "float32"
     sampler: str | None = None
     sampler_options: dict[str, Any] = field(default_factory=dict)
@@ -46,10 +50,31 @@ class ScoringSpec:
     threads: int | None = None
 
 
+def load_stack(spec: ScoringSpec, device: str | torch.device = "cpu") -> CheckpointStack:
+    """The checkpoint stack `spec` describes (its files, key and `stack_dtype`) on `device`: the one way to
+    build it, so the copy a driver puts in the object store holds the same dtype a worker would load."""
+    return CheckpointStack.from_files(list(spec.files), ckpt_key=spec.ckpt_key, strip_prefix=spec.strip_key_prefix,
+                                      device=device,
+                                      storage_dtype=STORAGE_DTYPES[spec.stack_dtype])
+
+
+def build_pipeline(spec: ScoringSpec, run: RunInfo, device: torch.device) -> tuple[nn.Module, Sampler, Evaluator]:
+    """Everything of the scorer but the stack: the run's network (eval mode, no grad), the sampler, and the
+    evaluator with the reference statistics checked against the extractor. The preflight builds the same."""
+    net = run.build_network().to(device).eval().requires_grad_(False)
+    sampler = build_sampler(run, spec.sampler, **spec.sampler_options)
+    extractor = build_extractor(spec.extractor, device=device, inception_weights=spec.inception_weights)
+    reference = load_reference_stats(spec.reference_stats, extractor=extractor.name, dim=extractor.dim)
+    return net, sampler, Evaluator(extractor, reference, device=device)
+
+
 class CandidateScorer:
     """Resident merge → sample → score pipeline for one training run (see module docstring)."""
 
     def __init__(self, spec: ScoringSpec, stack_payload: dict | None = None) -> None:
+        if stack_payload is not None and stack_payload["storage_dtype"] != spec.stack_dtype:
+            raise LcscError(f"the shared checkpoint stack holds {stack_payload['storage_dtype']} but --stack-dtype "
+                            f"is {spec.stack_dtype}; build it with `load_stack(spec)`")
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.spec = spec
@@ -58,18 +83,9 @@ class CandidateScorer:
         if stack_payload is not None:
             self.stack = CheckpointStack.from_payload(stack_payload, device=self.device)
         else:
-            self.stack = CheckpointStack.from_files(
-                list(spec.files),
-                ckpt_key=spec.ckpt_key,
-                device=self.device,
-                storage_dtype=STORAGE_DTYPES[spec.stack_dtype],
-            )
-        self.net = run.build_network().to(self.device).eval().requires_grad_(False)
-        self.sampler = build_sampler(run, spec.sampler, **spec.sampler_options)
-        extractor = build_extractor(spec.extractor, device=self.device, inception_weights=spec.inception_weights)
-        reference = load_reference_stats(spec.reference_stats, extractor=extractor.name, dim=extractor.dim)
-        self.evaluator = Evaluator(extractor, reference, device=self.device)
-        self.metric_name = extractor.metric_name
+            self.stack = load_stack(spec, self.device)
+        self.net, self.sampler, self.evaluator = build_pipeline(spec, run, self.device)
+        self.metric_name = self.evaluator.extractor.metric_name
         self.run = run
         self.image_shape = run.image_shape
 

@@ -1,6 +1,6 @@
 """The checkpoint stack: K checkpoints flattened once into a [K, P] tensor, merged many times.
 
-LCSC-NOTES section 1: θ(α) = Σᵢ αᵢ θᵢ over every floating-point tensor of the state dict; integer and
+θ(α) = Σᵢ αᵢ θᵢ over every floating-point tensor of the state dict; integer and
 bool buffers are copied from the newest checkpoint. A search evaluates thousands of α, so the merge is
 one GEMV over the stack (memory-bandwidth bound) written straight into a flat float32 buffer that the
 resident model's parameters view: no allocation of size P and no disk I/O per merge.
@@ -9,7 +9,7 @@ Storage: float32 holds θᵢ as they are. bfloat16/float16 hold deltas δᵢ = �
 checkpoint (kept in float32 as `base`), so the rounding error scales with |δᵢ| ≪ |θᵢ|:
 θ(α) = (Σᵢ αᵢ) θ_K + Σᵢ αᵢ δᵢ, accumulated in float32 (the low-precision rows are widened chunk by chunk).
 
-Memory plan (issue 2 item 5): the bytes are known from the newest checkpoint before the others are read.
+Memory plan: the bytes are known from the newest checkpoint before the others are read.
 A stack that fits the device stays resident; on CUDA one that does not is kept in pinned host memory and
 merged in column chunks copied to the device; otherwise `LcscError` names the size and the options.
 """
@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lcsc_ray.checkpoints import CheckpointFile, LoadedCheckpoint, load_checkpoint
+from lcsc_ray.checkpoints import CheckpointFile, LoadedCheckpoint, layout_difference, load_checkpoint
+from lcsc_ray.devices import resolve_device
 from lcsc_ray.errors import LcscError
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Column-chunk sizes (bytes of one float32 [K, c] chunk): large, so each chunk's widening copy,
-# host-to-device copy and GEMV are long compared with the per-chunk Python overhead (128 MiB measured
-# ~2.5x faster than 8 MiB for a bfloat16 stack on the 2-core CPU machine).
+# host-to-device copy and GEMV are long compared with the per-chunk Python overhead
+# (docs/ARCHITECTURE.md, "Measurements behind defaults").
 _CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 256 << 20}
 _DEVICE_HEADROOM = 0.8  # share of free device memory the stack may take (the model and sampling need the rest)
 
@@ -62,17 +63,6 @@ class _Binding:
 
 
 # ----------------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """`device` as a torch.device, with a clear error when CUDA is asked for but not visible; `auto` is the
-    first CUDA device when one is visible (Ray makes a trial's GPUs visible), else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise LcscError(f"--device {device}: no CUDA device is visible; use --device cpu")
-    return resolved
 
 
 def available_host_bytes() -> int | None:
@@ -108,7 +98,7 @@ def plan_memory(nbytes: int, device: torch.device, *, max_bytes: int | None = No
     fits_device = budget is None or nbytes <= budget
     fits_host = host is None or nbytes <= host
     options = ("options: --stack-dtype bfloat16 (about half the bytes), fewer checkpoints "
-               "(--max-count, --interval, --window)")
+               "(--max-checkpoints, --interval, --window)")
     if stream:
         if not fits_host:
             raise LcscError(f"{what} needs {_gib(nbytes)} but only {_gib(host)} of host memory is available "
@@ -121,25 +111,6 @@ def plan_memory(nbytes: int, device: torch.device, *, max_bytes: int | None = No
     where = f"{device} (budget {_gib(budget)})"
     extra = ", or --device cpu" if device.type == "cuda" else ""
     raise LcscError(f"{what} needs {_gib(nbytes)} but does not fit on {where}; {options}{extra}")
-
-
-def _check_same_layout(reference: dict[str, torch.Tensor], state: dict[str, torch.Tensor], file: CheckpointFile,
-                       newest: CheckpointFile) -> None:
-    """Every checkpoint must have the newest one's tensor names, shapes and float/integer kinds."""
-    fix = "all checkpoints must come from one architecture; narrow the selection (--pattern, --window)"
-    for name in reference:
-        if name not in state:
-            raise LcscError(f"{file.path}: tensor {name!r} is missing (present in {newest.path.name}); {fix}")
-    for name, tensor in state.items():
-        if name not in reference:
-            raise LcscError(f"{file.path}: extra tensor {name!r} (absent from {newest.path.name}); {fix}")
-        ref = reference[name]
-        if tuple(tensor.shape) != tuple(ref.shape):
-            raise LcscError(f"{file.path}: tensor {name!r} has shape {list(tensor.shape)} but "
-                            f"{list(ref.shape)} in {newest.path.name}; {fix}")
-        if tensor.is_floating_point() != ref.is_floating_point():
-            raise LcscError(f"{file.path}: tensor {name!r} is {tensor.dtype} but {ref.dtype} in "
-                            f"{newest.path.name}; {fix}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,7 +159,8 @@ class CheckpointStack:
 
     @classmethod
     def from_files(cls, files: Sequence[CheckpointFile], *, ckpt_key: str | None = None,
-                   device: str | torch.device = "cpu", storage_dtype: torch.dtype = torch.float32,
+                   strip_prefix: str | None = None, device: str | torch.device = "cpu",
+                   storage_dtype: torch.dtype = torch.float32,
                    max_bytes: int | None = None, stream: bool | None = None) -> "CheckpointStack":
         """Load, validate and stack `files` (any order; sorted by step here).
 
@@ -197,12 +169,12 @@ class CheckpointStack:
         """
         files = sorted(files, key=lambda f: f.step)
         if not files:
-            raise LcscError("no checkpoints selected; check the folder and --window/--interval/--max-count")
+            raise LcscError("no checkpoints selected; check the folder and --window/--interval/--max-checkpoints")
         if storage_dtype not in STORAGE_DTYPES.values():
             raise LcscError(f"--stack-dtype {storage_dtype}: choose one of {', '.join(STORAGE_DTYPES)}")
         target = resolve_device(device)
         newest_file = files[-1]
-        newest = load_checkpoint(newest_file, ckpt_key)
+        newest = load_checkpoint(newest_file, ckpt_key, strip_prefix)
         entries, fixed, order = _layout(newest)
         num_params = sum(e.numel for e in entries)
         if num_params == 0:
@@ -218,8 +190,11 @@ class CheckpointStack:
         data = torch.empty(len(files), num_params, dtype=storage_dtype, device=home, pin_memory=pin)
         base = _flatten(newest.state_dict, entries, target) if delta else None
         for row, file in enumerate(files):
-            loaded = newest if file is newest_file else load_checkpoint(file, ckpt_key)
-            _check_same_layout(newest.state_dict, loaded.state_dict, file, newest_file)
+            loaded = newest if file is newest_file else load_checkpoint(file, ckpt_key, strip_prefix)
+            difference = layout_difference(newest.state_dict, loaded.state_dict)
+            if difference is not None:
+                raise LcscError(f"{file.path}: {difference} compared with {newest_file.path.name}; all checkpoints "
+                                "must come from one architecture: narrow the selection (--ckpt-pattern, --window)")
             flat = _flatten(loaded.state_dict, entries, target)
             if delta:
                 flat.sub_(base)
@@ -284,7 +259,7 @@ class CheckpointStack:
     # -- merging ----------------------------------------------------------------------------------------
 
     def merge_into(self, model: torch.nn.Module, alpha: np.ndarray | torch.Tensor | Sequence[float]) -> None:
-        """Write θ(α) = Σᵢ αᵢ θᵢ into `model` in place (LCSC-NOTES section 1), ready for a forward pass.
+        """Write θ(α) = Σᵢ αᵢ θᵢ into `model` in place ready for a forward pass.
 
         The first call binds the model: its float32 tensors on the stack's device are re-pointed at
         slices of one flat buffer (bind before `torch.compile` or CUDA-graph capture; the storage then

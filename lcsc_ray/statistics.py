@@ -1,6 +1,7 @@
 """Running mean and covariance of feature batches: float64 sums on the features' device, constant memory.
 
-LCSC-NOTES §4 asks for statistics accumulated as float64 running sums, never keeping the feature matrix.
+Statistics are accumulated as float64 running sums, never keeping the feature matrix, so memory does not grow
+with the sample count.
 We use the shifted-data form of the textbook sums (Chan, Golub & LeVeque 1983): with a shift K (the first
 batch's mean), keep n, s = Σ (x − K) and Q = Σ (x − K)(x − K)ᵀ; then
 

@@ -1,10 +1,11 @@
 """Presets: the paper's settings and the embedded demo as JSON files in `search_spaces/presets/`.
 
 A preset is plain data so a user with the paper's checkpoints runs `--preset cifar10-cm` instead of
-retyping LCSC-NOTES. Besides `preset` (its name; not `name`, which is the --name flag), `kind` (cm/dm), `description`, `data` and `notes`, its keys are the
-launchers' flag names in dest form (`window`, `interval`, `sampler`, `ts`, `nfe`, `extractor`,
-`fid_samples`, `final_samples`, `top_k`, `num_trials`, `optimizer`, `space`, `bound`); a flag given
-explicitly overrides the preset.
+retyping the paper's settings. Besides the `METADATA_KEYS` (`preset` is its name: `name` is the --name
+flag; `kind` is cm or dm and must match the script), its keys are the tune flags in dest form (`window`,
+`interval`, `sampler`, `grid_steps`, `ts`, `nfe`, `extractor`, `fid_samples`, `final_samples`, `top_k`,
+`num_trials`, `optimizer`, `space`, `bound`, `ema`, `phema`, ...). They become the flags' defaults, so a
+flag given explicitly wins and a key left out keeps the flag's built-in default (`lcsc-tune-cm --help`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from typing import Any
 from lcsc_ray.errors import LcscError
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-REQUIRED_KEYS = ("preset", "kind", "num_trials", "space", "optimizer")
+REQUIRED_KEYS = ("preset", "kind")
+# Keys that describe the preset rather than set a flag.
+METADATA_KEYS = frozenset({"preset", "kind", "description", "data", "notes", "checkpoint_saved_every",
+                           "expected_checkpoints"})
 
 
 def available_presets() -> list[str]:

@@ -1,24 +1,24 @@
 """Coefficient spaces: how a Nevergrad parametrization value becomes the merge coefficients α [K].
 
-LCSC searches θ(α) = Σᵢ αᵢ θᵢ (LCSC-NOTES §1). A space is one way of parametrizing α; each is one class
-behind `CoefficientSpace`, registered under the name users type (`--space full|affine|grouped:G`).
+LCSC searches θ(α) = Σᵢ αᵢ θᵢ (docs/METHOD.md, "The merge"). A space is one way of parametrizing α; each is
+one class behind `CoefficientSpace`, registered under the name users type (`--space full|affine|grouped:G`).
 
-All spaces share these choices (documented once here):
+All spaces share these choices (documented once here; the reasons are in docs/METHOD.md, "Coefficient
+spaces", and docs/RAY_NEVERGRAD.md):
 - The parametrization is `ng.p.Dict(alpha=ng.p.Array(...))`: Ray's `NevergradSearch.suggest` breaks on a
-  bare `Array` (RAY-NOTES), and the Dict hands the trial a float64 array.
+  bare `Array`, and the Dict hands the trial a float64 array.
 - The centre (`init`) is the uniform profile αᵢ = 1/K, a known-good baseline (model soups).
-- Bounds are ±`bound` with clipping, default `DEFAULT_BOUND` = 10: the paper reports found solutions with
-  |α| > 6 (LCSC-NOTES §1), so ±10 leaves room for them while ruling out absurd extrapolations. Clipping
-  keeps the map from Nevergrad's standardized data to the value linear (value = init + σ·data inside the
-  box), which Gaussian mutation in `lcsc_ray.search.lcsc_es` relies on.
+- Bounds are ±`bound` with clipping, default `DEFAULT_BOUND` = 10: room for the large-magnitude
+  coefficients LCSC finds while ruling out absurd extrapolations. Clipping keeps the map from Nevergrad's
+  standardized data to the value linear (value = init + σ·data inside the box), which Gaussian mutation in
+  `lcsc_ray.search.lcsc_es` relies on.
 - `full_range_sampling=False`: DE/PSO/ES initialise around the centre with scale σ instead of uniformly over
-  the ±10 box (RAY-NOTES); the useful region is near the baseline profiles.
+  the ±10 box; the useful region is near the baseline profiles.
 - σ (Nevergrad's mutation scale per coordinate) defaults to 1/√D for a D-dimensional value, so a mutation
   moves the whole vector by about 1 in Euclidean norm whatever K is: checkpoints of one window are close
-  in weight space, so useful moves in α are large (|α| > 6 in the paper), and a per-coordinate scale that
-  ignored D would make large-K searches either timid or explosive.
+  in weight space, so useful moves in α are large, and a per-coordinate scale that ignored D would make
+  large-K searches either timid or explosive.
 """
-
 from __future__ import annotations
 
 import difflib
@@ -101,7 +101,7 @@ class CoefficientSpace(ABC):
 def _affine_projection(value: np.ndarray) -> np.ndarray:
     """Orthogonal projection of v onto the hyperplane Σ = 1: v + (1 − Σv)/D.
 
-    Why not v/Σv (the paper's "renormalise to sum 1", LCSC-NOTES §1): it explodes and flips sign as Σv → 0,
+    Why not v/Σv (the paper's "renormalise to sum 1"): it explodes and flips sign as Σv → 0,
     which Gaussian mutation of profiles with negative entries reaches easily. The projection is linear with
     Lipschitz constant 1, leaves points already on the hyperplane unchanged (so warm starts are exact), and
     the component it discards (the mean direction) does not change the merged model.
@@ -109,36 +109,26 @@ def _affine_projection(value: np.ndarray) -> np.ndarray:
     return value + (1.0 - value.sum()) / value.size
 
 
-class FullSpace(CoefficientSpace):
-    """`full`: K free coefficients, not normalised (the merged model may be scaled as a whole)."""
+class PerCheckpointSpace(CoefficientSpace):
+    """One coefficient per checkpoint (D = K), as given (`full`) or projected to Σα = 1 (`affine`).
 
-    def __init__(self, num_checkpoints: int, bound: float, sigma: float | None):
-        super().__init__("full", num_checkpoints, num_checkpoints, bound, sigma)
+    `full` leaves α free, so the merged model may be scaled as a whole; `affine` (the paper's form) maps
+    the value v to α = v + (1 − Σv)/K, so Σα = 1 exactly while coefficients may be negative. `to_value`
+    is the identity in both: exact for `full`, and for `affine` exact whenever Σα = 1 (otherwise the
+    search sees its projection).
+    """
 
-    def init_value(self) -> np.ndarray:
-        return np.full(self.num_checkpoints, 1.0 / self.num_checkpoints)
-
-    def _coefficients(self, value: np.ndarray) -> np.ndarray:
-        return value.copy()
-
-    def _value(self, alpha: np.ndarray) -> np.ndarray:
-        return alpha.copy()
-
-
-class AffineSpace(CoefficientSpace):
-    """`affine` (the paper's form): α = v + (1 − Σv)/K, so Σα = 1 exactly; coefficients may be negative."""
-
-    def __init__(self, num_checkpoints: int, bound: float, sigma: float | None):
-        super().__init__("affine", num_checkpoints, num_checkpoints, bound, sigma)
+    def __init__(self, num_checkpoints: int, bound: float, sigma: float | None, *, affine: bool):
+        super().__init__("affine" if affine else "full", num_checkpoints, num_checkpoints, bound, sigma)
+        self.affine = affine
 
     def init_value(self) -> np.ndarray:
         return np.full(self.num_checkpoints, 1.0 / self.num_checkpoints)
 
     def _coefficients(self, value: np.ndarray) -> np.ndarray:
-        return _affine_projection(value)
+        return _affine_projection(value) if self.affine else value.copy()
 
     def _value(self, alpha: np.ndarray) -> np.ndarray:
-        # Exact for Σα = 1 (the projection leaves it unchanged); otherwise the search sees its projection.
         return alpha.copy()
 
 
@@ -173,11 +163,11 @@ class GroupedSpace(CoefficientSpace):
 
 
 def _build_full(arg: str | None, k: int, bound: float, sigma: float | None) -> CoefficientSpace:
-    return FullSpace(k, bound, sigma)
+    return PerCheckpointSpace(k, bound, sigma, affine=False)
 
 
 def _build_affine(arg: str | None, k: int, bound: float, sigma: float | None) -> CoefficientSpace:
-    return AffineSpace(k, bound, sigma)
+    return PerCheckpointSpace(k, bound, sigma, affine=True)
 
 
 def _build_grouped(arg: str | None, k: int, bound: float, sigma: float | None) -> CoefficientSpace:

@@ -14,8 +14,6 @@ _SESSION_CACHE = Path(tempfile.mkdtemp(prefix="lcsc-test-cache-"))
 os.environ["LCSC_RAY_CACHE"] = str(_SESSION_CACHE)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-REPO_ROOT = Path(__file__).resolve().parents[1]
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 TINY_MODEL = {"channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attention": False, "dropout": 0.0}
 

@@ -14,13 +14,16 @@ from pathlib import Path
 import numpy as np
 from ray import tune
 
-from lcsc_ray.search.searcher import CANDIDATE_KEY, INDEX_KEY, decode_candidate
+from lcsc_ray.search.candidates import CANDIDATE_KEY, INDEX_KEY, decode_candidate
 from search_spaces import build_space
 
 K = 6
 SPACE = "affine"
 TARGET = np.array([2.0, -1.0, 0.5, 0.0, -0.5, 0.0])  # Σ = 1, reachable in the affine space
 BASELINES = {"newest": np.eye(K)[-1], "uniform": np.full(K, 1.0 / K)}
+GATE_INDEX = 4  # gated_trainable: trials 0..3 run at once, later ones wait for the RELEASE file
+RELEASE = "release"
+GATE_TIMEOUT_S = 120.0
 
 
 def objective(alpha: np.ndarray) -> float:
@@ -33,16 +36,28 @@ def synthetic_trainable(config: dict) -> None:
     tune.report({"score": objective(alpha), "label": label, "failed": False})
 
 
-def slow_trainable(config: dict) -> None:
-    """The same objective, slow enough that a driver can be killed mid-search."""
-    time.sleep(0.4)
+def experiment_dir(config: dict) -> Path:
+    """The experiment folder of the trial with `config` (the candidate store lies in it)."""
+    return Path(config[CANDIDATE_KEY]).parent.parent
+
+
+def gated_trainable(config: dict) -> None:
+    """The same objective, but trials from index `GATE_INDEX` on wait until the experiment folder holds a
+    `RELEASE` file: a test can kill the driver at a known point of the search, then release the rest."""
+    if config[INDEX_KEY] >= GATE_INDEX:
+        release = experiment_dir(config) / RELEASE
+        deadline = time.monotonic() + GATE_TIMEOUT_S
+        while not release.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{release} did not appear within {GATE_TIMEOUT_S} s")
+            time.sleep(0.05)
     synthetic_trainable(config)
 
 
 def crash_once_trainable(config: dict) -> None:
     """Kills its worker process the first time it sees trial 3 (a marker file next to the candidate store
     remembers it), as a node or worker dying under a trial does; every other call is `synthetic_trainable`."""
-    marker = Path(config[CANDIDATE_KEY]).parent.parent / "crashed-once"
+    marker = experiment_dir(config) / "crashed-once"
     if config[INDEX_KEY] == 3 and not marker.exists():
         marker.touch()
         os._exit(1)
@@ -57,7 +72,7 @@ def main(storage: str, name: str, num_trials: int) -> None:
 
     ray.init(num_cpus=1, include_dashboard=False)
     run_search(
-        slow_trainable, build_space(SPACE, K), optimizer="lcsc-es", num_trials=num_trials, seed=3,
+        gated_trainable, build_space(SPACE, K), optimizer="lcsc-es", num_trials=num_trials, seed=3,
         warm_start=BASELINES, storage=storage, name=name, resources={"cpu": 1}, progress=False,
     )
 

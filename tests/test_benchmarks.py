@@ -25,7 +25,7 @@ def test_run_all_smoke_writes_every_item_with_plots(tiny_cm_run, tiny_dm_run, tm
     report = tmp_path / "docs" / "RESULTS.md"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--smoke", "--skip-speed", "--cm-run",
-         str(tiny_cm_run), "--dm-run", str(tiny_dm_run), "--output", str(report), "--workdir", str(tmp_path / "work")],
+         str(tiny_cm_run), "--dm-run", str(tiny_dm_run), "--out", str(report), "--workdir", str(tmp_path / "work")],
         cwd=tmp_path, capture_output=True, text=True, timeout=900, env=os.environ.copy())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = report.read_text()

@@ -20,6 +20,7 @@ import ray
 
 from cli_runs import FAST, driver_env, free_port, kill_session, start_driver, wait_for
 from lcsc_ray.cluster import dashboard_auth_mode, is_loopback
+from lcsc_ray.search.trial import PENALTY_SCORE
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, str]:
@@ -75,7 +76,7 @@ def test_dashboard_rest_api_and_live_metrics_during_a_search(tiny_cm_run, tmp_pa
         def running_trial_actor():
             status, body = _get(f"{url}/api/v0/actors?detail=true", token)
             actors = json.loads(body)["data"]["result"]["result"] if status == 200 else []
-            return [a for a in actors if "Trainable" in a["class_name"] and a["state"] == "ALIVE"]
+            return [a for a in actors if a["class_name"] == "LcscTrial" and a["state"] == "ALIVE"]
 
         actor = wait_for(running_trial_actor, 120, "an ALIVE trial actor in /api/v0/actors", driver)[0]
         assert actor["pid"] > 0
@@ -91,7 +92,7 @@ def test_dashboard_rest_api_and_live_metrics_during_a_search(tiny_cm_run, tmp_pa
 
         page = wait_for(exported, 120, "lcsc metrics at the node's /metrics endpoint", driver)
         best = _metric(page, "ray_lcsc_best_score", name)
-        assert best is not None and 0 < best < 1e5
+        assert best is not None and 0 < best < PENALTY_SCORE
         for stage in ("merge", "sample", "features", "distance"):
             assert re.search(rf'^ray_lcsc_trial_stage_seconds_count{{[^}}]*stage="{stage}"[^}}]*}} [1-9]', page, re.M)
         assert driver.poll() is None, "the search should still be running"

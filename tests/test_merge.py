@@ -3,7 +3,6 @@ merge CLI, on real checkpoint files of a tiny model."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
 import subprocess
@@ -17,16 +16,17 @@ from safetensors.torch import load_file, save_file
 
 from checkpoint_runs import tiny_model, write_run
 from lcsc_ray.checkpoints import discover_checkpoints, load_state_dict
-from lcsc_ray import errors
+from lcsc_ray.cli import main_merge
 from lcsc_ray.errors import LcscError
 from lcsc_ray.export import export_merged
 from lcsc_ray.profiles import (baseline_profiles, ema_profile, named_profile, newest_profile, posthoc_ema_profile,
                                uniform_profile)
+from lcsc_ray.scoring import CandidateScorer, ScoringSpec, load_stack
 from lcsc_ray.stack import CheckpointStack, plan_memory
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = [100, 200, 350, 500, 800]
-# Affine coefficients with large and negative entries, like the solutions LCSC finds (LCSC-NOTES section 1).
+# Affine coefficients with large and negative entries, like the solutions LCSC finds (docs/METHOD.md).
 ALPHA = np.array([-2.5, 0.75, 3.0, -0.25, 0.0])
 
 
@@ -144,6 +144,18 @@ def test_payload_round_trip_through_pickle(run):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_object_store_stack_keeps_the_stack_dtype(run):
+    """The copy a driver shares through the object store holds `--stack-dtype`, and a scorer refuses one
+    that does not (a float32 payload under `--stack-dtype bfloat16` would silently double the memory)."""
+    spec = ScoringSpec(run_dir="unused", files=tuple(run), reference_stats="unused", extractor="digits",
+                       stack_dtype="bfloat16")
+    payload = pickle.loads(pickle.dumps(load_stack(spec).to_payload()))
+    assert payload["storage_dtype"] == "bfloat16"
+    assert CheckpointStack.from_payload(payload).storage_dtype == torch.bfloat16
+    with pytest.raises(LcscError, match="holds float32 but --stack-dtype is bfloat16"):
+        CandidateScorer(spec, CheckpointStack.from_files(run).to_payload())
+
+
 def test_stack_validation_errors(tmp_path, run):
     with pytest.raises(LcscError, match="no checkpoints selected"):
         CheckpointStack.from_files([])
@@ -152,13 +164,13 @@ def test_stack_validation_errors(tmp_path, run):
     shape = dict(states[1], **{"0.weight": torch.zeros(8, 7)})
     save_file(shape, str(bad / "model_0000001.safetensors"))
     with pytest.raises(LcscError, match=r"model_0000001\.safetensors: tensor '0\.weight' has shape \[8, 7\] "
-                                        r"but \[8, 6\] in model_0000003\.safetensors"):
+                                        r"instead of \[8, 6\] compared with model_0000003\.safetensors"):
         CheckpointStack.from_files(discover_checkpoints(bad))
     save_file({k: v for k, v in states[1].items() if k != "2.bias"}, str(bad / "model_0000001.safetensors"))
-    with pytest.raises(LcscError, match=r"model_0000001\.safetensors: tensor '2\.bias' is missing"):
+    with pytest.raises(LcscError, match=r"model_0000001\.safetensors: key '2\.bias' is missing"):
         CheckpointStack.from_files(discover_checkpoints(bad))
     save_file(dict(states[1], extra=torch.ones(1)), str(bad / "model_0000001.safetensors"))
-    with pytest.raises(LcscError, match=r"extra tensor 'extra'"):
+    with pytest.raises(LcscError, match=r"it holds key 'extra', which is absent"):
         CheckpointStack.from_files(discover_checkpoints(bad))
     with pytest.raises(LcscError, match=r"needs .* GiB but does not fit on cpu .*--stack-dtype bfloat16"):
         CheckpointStack.from_files(run, max_bytes=1000)
@@ -267,19 +279,11 @@ def test_profiles_and_names():
         ema_profile([2, 2], 0.9)
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("merge_checkpoints", REPO / "launch" / "merge_checkpoints.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    """The CLI in-process through its real entry (`run_cli(main)`): exit code, stdout, stderr."""
-    cli = load_cli()
-    monkeypatch.setattr(sys, "argv", ["merge_checkpoints.py", *map(str, args)])
+    """The CLI in-process through its real entry (`lcsc-merge`): exit code, stdout, stderr."""
+    monkeypatch.setattr(sys, "argv", ["lcsc-merge", *map(str, args)])
     try:
-        errors.run_cli(cli.main)
+        main_merge()
         code = 0
     except SystemExit as stop:
         code = stop.code

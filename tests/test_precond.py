@@ -1,4 +1,4 @@
-"""σ grid, preconditioning scalings and the CT curriculum against their formulas (LCSC-NOTES §3, iCT)."""
+"""σ grid, preconditioning scalings and the CT curriculum against their formulas (Karras et al. 2022, Song et al. 2023, iCT)."""
 
 import math
 

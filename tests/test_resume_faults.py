@@ -1,24 +1,33 @@
-"""Resume and faults of the real job: `launch/tune_cm.py` drivers on the tiny CM run, real local Ray.
+"""Stopping, resuming and faults of the real job: `launch/tune_cm.py` drivers on the tiny CM run, real local Ray.
 
-- SIGKILL of the driver mid-search, then `--resume`: the full trial count, nothing finished before the kill
-  lost, and the driver's Ray processes do not outlive it; a new search under a taken name is refused.
+- Ctrl+C (SIGINT to the driver's process group, as a terminal sends it) and SIGTERM stop the search with
+  exit status 130 and the exact resume command, never a table or an export; the printed command finishes
+  the budget. A second signal exits at once and the state stays resumable.
+- kill -9 of the driver at two points: the resumed search evaluates nothing that had finished (completed
+  evaluations are replayed from the candidate store), the optimizer is told exactly the budget, and the
+  driver's Ray processes do not outlive it; a new search under a taken name is refused.
 - A trial process killed while the search runs is retried (`FailureConfig`) and the search completes.
-- A truncated checkpoint found by the workers stops the search with one line and exit code 2; once the
-  file is restored, `--resume` completes the search.
+- A checkpoint with NaN weights that only the workers read (the preflight reads the oldest and newest)
+  stops the search with one line naming its step and exit status 2; once fixed, `--resume` completes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import shlex
 import shutil
 import signal
 from pathlib import Path
 
-import pytest
+import torch
+from ray import tune
+from safetensors.torch import load_file, save_file
 
-from cli_runs import (FAST, kill_session, last_line, run_driver, session_pids, start_driver,
-                      trial_failures, trial_scores, wait_for)
+from cli_runs import (FAST, driver_env, kill_session, last_line, run_driver, session_pids, start_driver,
+                      trial_failures, wait_for)
+from lcsc_ray.search.searcher import load_searcher
 
 RAY_CORE = ("gcs_server", "raylet", "ray::")  # command lines of the processes a local Ray cluster runs
 RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
@@ -28,50 +37,118 @@ def _results(exp_dir: Path) -> dict:
     return json.loads((exp_dir / "final" / "results.json").read_text())
 
 
-def test_sigkill_driver_then_resume_keeps_every_trial(tiny_cm_run, tmp_path):
-    storage, name, num_trials = tmp_path / "storage", "killed", 40
+def _evaluations(exp_dir: Path) -> tuple[int, int]:
+    """(evaluations, replays) among the results the driver received, over every trial folder of the experiment."""
+    evaluated = replayed = 0
+    for result in exp_dir.glob("trial_*/result.json"):
+        for line in result.read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if "score" in record:
+                replayed += bool(record["replayed"])
+                evaluated += not record["replayed"]
+    return evaluated, replayed
+
+
+def _records(exp_dir: Path) -> int:
+    return len(list((exp_dir / "candidates").glob("*.result.json")))
+
+
+def test_ctrl_c_stops_without_a_result_and_the_printed_command_resumes(tiny_cm_run, tmp_path):
+    storage, name, num_trials = tmp_path / "storage", "ctrlc", 30
     exp_dir = storage / name
     args = ["--ckpt-dir", str(tiny_cm_run), "--num-trials", str(num_trials), "--storage", str(storage),
             "--name", name, "--no-dashboard", *FAST]
-    driver = start_driver(args, tmp_path / "first.log")
+    log = tmp_path / "first.log"
+    driver = start_driver(args, log)
     try:
-        wait_for(lambda: len(trial_scores(exp_dir)) >= 8, 180, "8 trial results in the experiment folder", driver)
-        before_pids = session_pids(driver.pid)
-        os.kill(driver.pid, signal.SIGKILL)  # the driver alone, as `kill -9 <pid>` would
-        driver.wait()
-        before = trial_scores(exp_dir)
-        assert 8 <= len(before) < num_trials, "the kill must land mid-search"
-        # A local Ray dies with its driver: the GCS, raylet and workers notice and exit within seconds.
-        core = {pid for pid, cmd in before_pids.items() if pid != driver.pid and any(k in cmd for k in RAY_CORE)
-                and not any(agent in cmd for agent in RAY_AGENTS)}
-        assert core, f"no Ray processes found in the driver's session: {before_pids}"
-        wait_for(lambda: not core & set(session_pids(driver.pid)), 60, "the killed driver's Ray processes to exit")
+        wait_for(lambda: _records(exp_dir) >= 8, 180, "8 evaluated candidates", driver, poll=0.05)
+        os.killpg(driver.pid, signal.SIGINT)  # the whole foreground group, as a terminal's Ctrl+C
+        code = driver.wait(timeout=120)
     finally:
-        kill_session(driver.pid)  # Ray 2.60's two agents outlive their raylet for about a minute: stop them
+        kill_session(driver.pid)
+    line = last_line(log)
+    assert code == 130, log.read_text()[-3000:]
+    assert line.startswith(f"stopped: search {name} stopped with ") and f"of {num_trials} trials completed" in line
+    assert not (exp_dir / "final").exists(), "an interrupted search must not export or write results"
+    assert "LCSC winner" not in log.read_text()
 
-    code = run_driver([*args, "--resume"], tmp_path / "resume.log")
+    command = shlex.split(line.split("continue it with: ", 1)[1])
+    assert command[:2] == ["python", "launch/tune_cm.py"] and "--resume" in command
+    code = run_driver(command[2:], tmp_path / "resume.log")
     assert code == 0, (tmp_path / "resume.log").read_text()[-3000:]
     results = _results(exp_dir)
-    assert results["search"]["trials_completed"] == num_trials
-    assert results["search"]["trials_errored"] == 0
-    after = trial_scores(exp_dir)
-    assert len(after) == num_trials
-    for trial_id, score in before.items():  # every pre-kill trial is still there, with its score
-        assert after[trial_id] == pytest.approx(score)
-    # The table is built from all trials: the finalists are the best of the pre- and post-kill trials.
-    finalists = sorted(f["search_score"] for f in results["finalists"])
-    assert finalists[0] == pytest.approx(min(s for s in after.values() if s < 1e5))
-    for name_, baseline in results["baselines"].items():
-        if baseline["search_score"] is not None:
-            assert any(baseline["search_score"] == pytest.approx(s) for s in after.values()), name_
+    assert results["search"]["trials_completed"] == num_trials and results["search"]["trials_errored"] == 0
+    assert len(load_searcher(exp_dir).told) == num_trials
+
+
+def test_sigterm_stops_like_ctrl_c_and_a_second_signal_exits_at_once(tiny_cm_run, tmp_path):
+    storage, num_trials = tmp_path / "storage", 30
+    for name, signals in (("term", [signal.SIGTERM]), ("twice", [signal.SIGTERM, signal.SIGINT])):
+        exp_dir = storage / name
+        args = ["--ckpt-dir", str(tiny_cm_run), "--num-trials", str(num_trials), "--storage", str(storage),
+                "--name", name, "--no-dashboard", *FAST]
+        log = tmp_path / f"{name}.log"
+        driver = start_driver(args, log)
+        try:
+            wait_for(lambda: _records(exp_dir) >= 6, 180, "6 evaluated candidates", driver, poll=0.05)
+            for count, sig in enumerate(signals, 1):
+                os.kill(driver.pid, sig)
+                # Tune logs this line once it has handled a stop signal: only then is the next one a second.
+                wait_for(lambda: log.read_text().count("Stop signal received") >= count or driver.poll() is not None,
+                         60, "Tune to handle the stop signal")
+            code = driver.wait(timeout=120)
+        finally:
+            kill_session(driver.pid)
+        assert code == 130, log.read_text()[-3000:]
+        assert not (exp_dir / "final").exists()
+        if len(signals) == 1:
+            assert last_line(log).startswith(f"stopped: search {name} stopped with ")
+        else:
+            assert "second stop signal: exiting now" in log.read_text()
+        assert tune.Tuner.can_restore(str(exp_dir)) and list(exp_dir.glob("experiment_state-*.json"))
+
+
+def test_kill_9_twice_then_resume_evaluates_nothing_twice(tiny_cm_run, tmp_path):
+    storage, name, num_trials, concurrent = tmp_path / "storage", "killed", 30, 2
+    exp_dir = storage / name
+    args = ["--ckpt-dir", str(tiny_cm_run), "--num-trials", str(num_trials), "--storage", str(storage),
+            "--name", name, "--no-dashboard", *FAST]
+    assert FAST[FAST.index("--max-concurrent") + 1] == str(concurrent)
+    env = driver_env(TUNE_GLOBAL_CHECKPOINT_S="30")  # Ray's saved state lags far behind the evaluations
+    kills = 0
+    for step, (first, last) in enumerate([(5, 9), (14, 20)]):
+        driver = start_driver([*args, *(["--resume"] if step else [])], tmp_path / f"run{step}.log", env=env)
+        try:
+            target = random.randint(first, last)
+            wait_for(lambda: _records(exp_dir) >= target, 180, f"{target} evaluated candidates", driver, poll=0.02)
+            before_pids = session_pids(driver.pid)
+            os.kill(driver.pid, signal.SIGKILL)  # the driver alone, as `kill -9 <pid>` would
+            driver.wait()
+            kills += 1
+            # A local Ray dies with its driver: the GCS, raylet and workers notice and exit within seconds.
+            core = {pid for pid, cmd in before_pids.items() if pid != driver.pid
+                    and any(k in cmd for k in RAY_CORE) and not any(agent in cmd for agent in RAY_AGENTS)}
+            assert core, f"no Ray processes found in the driver's session: {before_pids}"
+            wait_for(lambda: not core & set(session_pids(driver.pid)), 60, "the killed driver's Ray processes to exit")
+        finally:
+            kill_session(driver.pid)  # Ray's two agents outlive their raylet for about a minute: stop them
+
+    code = run_driver([*args, "--resume"], tmp_path / "resume.log", env=env)
+    assert code == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    results = _results(exp_dir)
+    assert results["search"]["trials_completed"] == num_trials and results["search"]["trials_errored"] == 0
+    evaluated, replayed = _evaluations(exp_dir)
+    assert replayed >= 1, "the kills landed after Ray's last saved state, so some evaluations must be replayed"
+    assert evaluated <= num_trials + kills * concurrent, (evaluated, replayed)
+    searcher = load_searcher(exp_dir)
+    assert len(searcher.told) == searcher.optimizer.num_tell == num_trials
+    assert sorted(index for index, _, _ in searcher.told) == list(range(num_trials))
 
     # A new search under the same name is refused before anything starts (no overwrite).
     code = run_driver(args, tmp_path / "again.log")
     assert code == 2
     assert last_line(tmp_path / "again.log").startswith(f"error: experiment {name} exists in ")
-    assert "--resume" in last_line(tmp_path / "again.log")
     assert "Started a local Ray" not in (tmp_path / "again.log").read_text()
-    assert trial_scores(exp_dir) == after
 
 
 def test_killed_trial_process_is_retried(tiny_cm_run, tmp_path):
@@ -100,26 +177,31 @@ def test_killed_trial_process_is_retried(tiny_cm_run, tmp_path):
     assert sum(trial_failures(exp_dir).values()) >= 1, "the killed trial should have been retried"
 
 
-def test_corrupt_checkpoint_stops_the_search_and_resume_finishes(tiny_cm_run, tmp_path):
+def test_nan_checkpoint_found_by_the_workers_stops_with_one_line_and_resume_finishes(tiny_cm_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_cm_run, run)
     victim = sorted((run / "checkpoints").glob("*.safetensors"))[5]
     good = victim.read_bytes()
-    # The driver only lists checkpoint files; the workers are the first to open them, as on a cluster where
-    # a file goes bad on shared storage after the search started.
-    victim.write_bytes(good[:100])
-    storage, name, num_trials = tmp_path / "storage", "corrupt", 10
+    state = load_file(victim)
+    tensor = next(k for k, v in state.items() if v.is_floating_point())
+    state[tensor] = torch.full_like(state[tensor], float("nan"))
+    save_file(state, victim)
+    storage, name, num_trials = tmp_path / "storage", "nan", 10
     args = ["--ckpt-dir", str(run), "--num-trials", str(num_trials), "--storage", str(storage), "--name", name,
-            "--no-dashboard", "--max-failures", "0", *FAST]
-    code = run_driver(args, tmp_path / "corrupt.log")
-    message = last_line(tmp_path / "corrupt.log")
-    assert code == 2, (tmp_path / "corrupt.log").read_text()[-3000:]
-    assert message.startswith(f"error: {victim}: unreadable or truncated safetensors file")
-    assert f"--resume --name {name} --storage {storage}" in message
+            "--no-dashboard", *FAST]
+    log = tmp_path / "nan.log"
+    code = run_driver(args, log)
+    message = last_line(log)
+    assert code == 2, log.read_text()[-3000:]
+    assert message.startswith(f"error: {victim}: tensor {tensor!r} holds NaN or Inf (the run diverged at step 30)")
+    assert "--exclude-steps 30" in message and "--resume" in message
+    assert "Traceback" not in log.read_text(), "worker tracebacks stay in the experiment's logs"
     assert not (storage / name / "final").exists()
+    assert sum(trial_failures(storage / name).values()) == 0, "an input error is not retried as a lost worker"
 
     victim.write_bytes(good)
     code = run_driver([*args, "--resume"], tmp_path / "resume.log")
     assert code == 0, (tmp_path / "resume.log").read_text()[-3000:]
     results = _results(storage / name)
     assert results["search"]["trials_completed"] == num_trials and results["search"]["trials_errored"] == 0
+    assert results["search"]["trials_failed"] == 0

@@ -60,13 +60,33 @@ def test_cm_samplers_identical_across_batch_sizes(tmp_path, name, kwargs):
     assert not torch.allclose(sampler.sample(net, FixedNoise(4, run.image_shape), 0, 12), reference)
 
 
+class RecordingNoise(FixedNoise):
+    """FixedNoise that records which streams a sampler draws and can negate one of them."""
+
+    def __init__(self, seed, shape, negate=None):
+        super().__init__(seed, shape)
+        self.negate, self.streams = negate, []
+
+    def normal(self, stream, start, count, device="cpu"):
+        self.streams.append(stream)
+        out = super().normal(stream, start, count, device)
+        return -out if stream == self.negate else out
+
+
 def test_multistep_uses_per_step_noise(tmp_path):
     run = make_run(tmp_path, "cm")
     net = random_net(run)
-    noise = FixedNoise(3, run.image_shape)
-    one = build_sampler(run, "onestep").sample(net, noise, 0, 4)
-    multi = build_sampler(run, "multistep").sample(net, noise, 0, 4)
-    assert not torch.allclose(one, multi)
+    # ts ending above σ_min: on the published ts=0,10,17 the last injected noise is scaled by
+    # √(σ_min² − σ_min²) = 0
+    sampler = build_sampler(run, "multistep", steps=18, ts=[0, 5, 10])
+    noise = RecordingNoise(3, run.image_shape)
+    reference = sampler.sample(net, noise, 0, 4)
+    assert noise.streams == [0, 1, 2]  # x_T, then fresh noise before each of the two later steps
+    for stream in (1, 2):  # each step's noise reaches the output: changing only that stream changes the images
+        changed = sampler.sample(net, RecordingNoise(3, run.image_shape, negate=stream), 0, 4)
+        assert not torch.allclose(changed, reference)
+    unused = sampler.sample(net, RecordingNoise(3, run.image_shape, negate=3), 0, 4)
+    assert torch.equal(unused, reference)
 
 
 @pytest.mark.parametrize(

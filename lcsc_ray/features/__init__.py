@@ -1,9 +1,11 @@
 """Feature extractors: images [N, C, H, W] in [-1, 1] -> features [N, dim] for a Fréchet distance.
 
 One module per extractor, one entry per name in `EXTRACTORS` (the name users type for `--extractor`). Each
-module exposes `build(*, device, inception_weights) -> FeatureExtractor`; adding an extractor is a new file
-and one line here. The metric an extractor yields is named for what it is: only InceptionV3 pool3 features
-give an "fid"; the digits classifier gives "fd_digits".
+module exposes `build(*, device, inception_weights) -> FeatureExtractor` (or another function named as
+`module:function`); adding an extractor is a new file and one line here. The metric an extractor yields is
+named for what it is: only InceptionV3 pool3 features with the FID weights give an "fid"; the same network
+with random weights (`inception-random`, for timing checks) gives "fd_inception_random", the digits
+classifier "fd_digits".
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from lcsc_ray.devices import resolve_device
 from lcsc_ray.errors import LcscError
 
 
@@ -33,6 +36,7 @@ class FeatureExtractor(Protocol):
 # name -> module implementing `build`; imported lazily so `digits` does not pay for torchvision's Inception.
 EXTRACTORS: dict[str, str] = {
     "inception": "lcsc_ray.features.inception",
+    "inception-random": "lcsc_ray.features.inception:build_random",
     "digits": "lcsc_ray.features.digits",
 }
 
@@ -42,5 +46,6 @@ def build_extractor(name: str, *, device: str | torch.device = "cpu",
     """Build the extractor registered as `name` on `device` (`inception_weights` is used by `inception` only)."""
     if name not in EXTRACTORS:
         raise LcscError(f"--extractor {name!r} is unknown; choose one of: {', '.join(sorted(EXTRACTORS))}")
-    module = importlib.import_module(EXTRACTORS[name])
-    return module.build(device=torch.device(device), inception_weights=inception_weights)
+    module, _, function = EXTRACTORS[name].partition(":")
+    build = getattr(importlib.import_module(module), function or "build")
+    return build(device=resolve_device(device), inception_weights=inception_weights)

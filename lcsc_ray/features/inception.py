@@ -1,4 +1,4 @@
-"""InceptionV3 pool3 features (2048-d) exactly as pytorch-fid computes them: the real FID (LCSC-NOTES §4).
+"""InceptionV3 pool3 features (2048-d) exactly as pytorch-fid computes them: the real FID (docs/METHOD.md, Scoring).
 
 The network is pytorch-fid's own `InceptionV3` (its TF-ported blocks, bilinear resize to 299, [0, 1] -> [-1, 1]
 input scaling), so scores are comparable with `python -m pytorch_fid`. Only where the weights come from is
@@ -7,9 +7,13 @@ we resolve the file ourselves and load it with `weights_only=True` (or safetenso
 `--inception-weights PATH`, torch hub's cache `<hub>/checkpoints/pt_inception-2015-12-05-6726825d.pth`
 (where pytorch-fid puts it), then pytorch-fid's download URL (works only online).
 
-Precision: float32, contiguous (NCHW). bf16/fp16/channels-last were not adopted: the issue allows them only
-with evidence that FID moves by <= 0.1%, which needs the real weights (not available offline), and on the
-CPU they are not faster.
+`inception-random` is the same network and preprocessing with random weights drawn from a fixed seed, for
+timing checks on machines without the FID weights (benchmarks/gpu_search_check.py).
+Its Fréchet distance is not FID and is never called one: its metric is `fd_inception_random`.
+
+Precision: float32, contiguous (NCHW). bf16/fp16/channels-last were not adopted: they would need evidence
+that FID moves by <= 0.1%, which needs the real weights (not available offline), and on the CPU they are not
+faster.
 """
 
 from __future__ import annotations
@@ -108,6 +112,13 @@ class InceptionExtractor:
         return self.model(pixels.float())[0].flatten(1)
 
 
+class RandomInceptionExtractor(InceptionExtractor):
+    """The FID network with random weights: the cost of FID without its meaning; metric "fd_inception_random"."""
+
+    name = "inception-random"
+    metric_name = "fd_inception_random"
+
+
 def build(*, device: torch.device, inception_weights: str | None = None) -> InceptionExtractor:
     """The registry entry: resolve and load the weights, build the model on `device`."""
     path = resolve_weights(inception_weights)
@@ -115,3 +126,34 @@ def build(*, device: torch.device, inception_weights: str | None = None) -> Ince
     with open(path, "rb") as handle:
         identity = f"{WEIGHTS_FILE}:{hashlib.file_digest(handle, 'sha256').hexdigest()}"
     return InceptionExtractor(build_fid_inception(state_dict, path), identity, device)
+
+
+RANDOM_SEED = 0
+
+
+def random_state_dict(seed: int = RANDOM_SEED) -> dict[str, torch.Tensor]:
+    """InceptionV3 weights drawn under a fixed seed: identical tensors in every process (the statistics are
+    computed in one, the trials score in others) with no file to fetch. Convolutions get He-normal weights,
+    which keep activations O(1) through the ~90 ReLU layers; torchvision's own init (std 0.1) grows them to
+    ~1e10, whose squares strain float32 statistics."""
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None, init_weights=False)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    return model.state_dict()
+
+
+def build_random(*, device: torch.device, inception_weights: str | None = None) -> RandomInceptionExtractor:
+    """The `inception-random` registry entry: pytorch-fid's network with `random_state_dict()`."""
+    import torchvision
+
+    if inception_weights is not None:
+        raise LcscError(f"--inception-weights {inception_weights}: the inception-random extractor uses random "
+                        "weights; drop the flag, or use --extractor inception for FID with these weights")
+    identity = f"inception-random:torchvision-{torchvision.__version__}:seed{RANDOM_SEED}"
+    model = build_fid_inception(random_state_dict(), Path(f"<random weights, seed {RANDOM_SEED}>"))
+    return RandomInceptionExtractor(model, identity, device)

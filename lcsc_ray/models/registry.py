@@ -38,10 +38,13 @@ def resolve_factory(factory: str) -> Callable[..., nn.Module]:
 
 def build_model(factory: str, kwargs: dict[str, Any]) -> nn.Module:
     """A freshly initialised raw network on the CPU in float32."""
+    build = resolve_factory(factory)
     try:
-        net = resolve_factory(factory)(**kwargs)
-    except TypeError as error:
-        raise LcscError(f"model factory {factory!r} rejected its kwargs {kwargs} ({error}); fix 'model' in run.json") from None
+        net = build(**kwargs)
+    except Exception as error:  # noqa: BLE001 - whatever the user's factory raises is an input problem
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise LcscError(f"model factory {factory!r} with kwargs {kwargs} raised {type(error).__name__}: {first}; "
+                        "fix 'model' in run.json") from None
     if not isinstance(net, nn.Module):
         raise LcscError(f"model factory {factory!r} returned {type(net).__name__}, not a torch.nn.Module")
     return net.float()

@@ -1,4 +1,4 @@
-"""Consistency-model samplers (LCSC-NOTES §3, OpenAI `karras_sample` with `sampler="onestep"/"multistep"`).
+"""Consistency-model samplers (OpenAI `karras_sample` with `sampler="onestep"/"multistep"`).
 
 The network passed in is the raw F; the consistency function f(x, σ) is built around it with the run's σ
 constants (lcsc_ray/precond.py). Noise comes from FixedNoise: stream 0 is x_T/σ_max, stream k the noise
@@ -14,13 +14,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lcsc_ray.devices import module_device
 from lcsc_ray.errors import LcscError
 from lcsc_ray.noise import FixedNoise
 from lcsc_ray.precond import SigmaConfig, consistency_fn, karras_sigmas
-
-
-def _device(net: nn.Module) -> torch.device:
-    return next(net.parameters()).device
 
 
 @dataclass
@@ -34,14 +31,14 @@ class OneStepSampler:
     @torch.no_grad()
     def sample(self, net: nn.Module, noise: FixedNoise, start: int, count: int) -> torch.Tensor:
         s = self.sigmas
-        x = noise.normal(0, start, count, _device(net)) * s.sigma_max
+        x = noise.normal(0, start, count, module_device(net)) * s.sigma_max
         return consistency_fn(net, x, s.sigma_max, s.sigma_min, s.sigma_data).clamp(-1.0, 1.0)
 
 
 @dataclass
 class MultistepSampler:
     """On the `steps`-point Karras grid, for t in ts: x₀ = clamp(f(x, σ_t)); then, if a next index exists,
-    x = x₀ + z·√(σ_next² − σ_min²) (LCSC-NOTES §3; CIFAR-10 `steps=18, ts=0,10,17`)."""
+    x = x₀ + z·√(σ_next² − σ_min²) (the published CIFAR-10 setting: `steps=18, ts=0,10,17`)."""
 
     sigmas: SigmaConfig
     steps: int
@@ -50,7 +47,7 @@ class MultistepSampler:
 
     def __post_init__(self) -> None:
         if self.steps < 2 or not self.ts or list(self.ts) != sorted(set(self.ts)) or not 0 <= self.ts[0] <= self.ts[-1] < self.steps:
-            raise LcscError(f"--ts {list(self.ts)}: need strictly increasing indices in [0, --steps {self.steps})")
+            raise LcscError(f"--ts {list(self.ts)}: need strictly increasing indices in [0, --grid-steps {self.steps})")
         s = self.sigmas
         self.grid = karras_sigmas(self.steps, s.sigma_min, s.sigma_max, s.rho)
 
@@ -60,7 +57,7 @@ class MultistepSampler:
 
     @torch.no_grad()
     def sample(self, net: nn.Module, noise: FixedNoise, start: int, count: int) -> torch.Tensor:
-        s, device = self.sigmas, _device(net)
+        s, device = self.sigmas, module_device(net)
         x = noise.normal(0, start, count, device) * float(self.grid[self.ts[0]])
         for k, t in enumerate(self.ts):
             x0 = consistency_fn(net, x, float(self.grid[t]), s.sigma_min, s.sigma_data).clamp(-1.0, 1.0)

@@ -20,17 +20,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lcsc_ray.devices import module_device
 from lcsc_ray.errors import LcscError
 from lcsc_ray.noise import FixedNoise
 from lcsc_ray.precond import SigmaConfig, edm_denoiser, karras_sigmas
 
 
-def _device(net: nn.Module) -> torch.device:
-    return next(net.parameters()).device
-
-
 def _start(net: nn.Module, noise: FixedNoise, start: int, count: int, sigma_max: float) -> torch.Tensor:
-    return noise.normal(0, start, count, _device(net)) * sigma_max
+    return noise.normal(0, start, count, module_device(net)) * sigma_max
 
 
 @dataclass
@@ -132,13 +129,13 @@ def _positive(flag: str, value: int) -> int:
 
 def build_ddim(sigmas: SigmaConfig, nfe: int | None, steps: int | None, ts: Sequence[int] | None, order: int | None) -> DDIMSampler:
     if nfe is not None and steps is not None and nfe != steps:
-        raise LcscError(f"--nfe {nfe} and --steps {steps} disagree; DDIM makes one evaluation per step")
+        raise LcscError(f"--nfe {nfe} and --grid-steps {steps} disagree; DDIM makes one evaluation per step")
     return DDIMSampler(sigmas, _positive("--nfe", nfe or steps or 15))
 
 
 def build_dpmsolver(sigmas: SigmaConfig, nfe: int | None, steps: int | None, ts: Sequence[int] | None, order: int | None) -> DPMSolverPPSampler:
     if nfe is not None and steps is not None and nfe != steps:
-        raise LcscError(f"--nfe {nfe} and --steps {steps} disagree; DPM-Solver++ multistep makes one evaluation per step")
+        raise LcscError(f"--nfe {nfe} and --grid-steps {steps} disagree; DPM-Solver++ multistep makes one evaluation per step")
     if order not in (None, 1, 2, 3):
         raise LcscError(f"--order {order}: DPM-Solver++ multistep supports orders 1, 2 and 3")
     return DPMSolverPPSampler(sigmas, _positive("--nfe", nfe or steps or 15), order or 3)
@@ -147,9 +144,9 @@ def build_dpmsolver(sigmas: SigmaConfig, nfe: int | None, steps: int | None, ts:
 def build_heun(sigmas: SigmaConfig, nfe: int | None, steps: int | None, ts: Sequence[int] | None, order: int | None) -> HeunSampler:
     if steps is None and nfe is not None:
         if nfe % 2 == 0:
-            raise LcscError(f"--nfe {nfe}: Heun makes 2·steps − 1 evaluations, so give an odd --nfe (or --steps)")
+            raise LcscError(f"--nfe {nfe}: Heun makes 2·steps − 1 evaluations, so give an odd --nfe (or --grid-steps)")
         steps = (nfe + 1) // 2
-    sampler = HeunSampler(sigmas, _positive("--steps", steps or 18))
+    sampler = HeunSampler(sigmas, _positive("--grid-steps", steps or 18))
     if nfe is not None and nfe != sampler.nfe:
-        raise LcscError(f"--nfe {nfe} disagrees with --steps {steps} (Heun: {sampler.nfe} evaluations)")
+        raise LcscError(f"--nfe {nfe} disagrees with --grid-steps {steps} (Heun: {sampler.nfe} evaluations)")
     return sampler

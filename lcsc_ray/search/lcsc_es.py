@@ -1,4 +1,4 @@
-"""`lcsc-es`: the paper's evolutionary search for combination coefficients (LCSC-NOTES §1, "Algorithm 1") as
+"""`lcsc-es`: the paper's evolutionary search for combination coefficients ("Algorithm 1"; docs/METHOD.md, The search) as
 a Nevergrad optimizer, so it runs under Ray Tune's `NevergradSearch`, pickles with the experiment and resumes.
 
 Algorithm 1 as implemented (a steady-state (μ + λ) evolution strategy):
@@ -14,9 +14,9 @@ Algorithm 1 as implemented (a steady-state (μ + λ) evolution strategy):
   Σα = 1 is the space's job (affine projection), not the optimizer's.
 - λ: one offspring per ask; with `num_workers` > 1 up to `num_workers` offspring are in flight at once,
   each drawn from the population as it stands when asked (asynchronous, so no worker waits for a
-  generation to finish; a peer complaint about mergekit-evolve, LCSC-NOTES §5).
+  generation to finish, as a generational evolution loop would).
 
-Defaults (the paper does not state them; LCSC-NOTES §1 says to document ours): μ = 8, a population large
+Defaults (the paper does not state them, so ours are documented here): μ = 8, a population large
 enough to hold every baseline of a typical run (newest, uniform, 3-4 EMA rates) plus a few discoveries,
 small enough that selection pressure stays high over a 2K-trial budget; s = 1.0, one space σ.
 All randomness comes from `parametrization.random_state`, so the same seed gives the same run.

@@ -7,27 +7,35 @@ stop switch for input errors.
   served in Prometheus format at each node's metrics endpoint (`ray.nodes()[i]["MetricsExportPort"]`) and
   appear in the dashboard's Metrics tab once Prometheus and Grafana are set up (Ray writes their configs
   under the session folder, /tmp/ray/session_latest/metrics).
-- A trial that raises `LcscError` (a missing or corrupt checkpoint, wrong statistics) is not the
-  candidate's fault; the monitor then interrupts the experiment the way Ctrl+C does (Tune's SIGUSR1
-  handler: it leaves the loop, saves the experiment state and returns), so the driver prints the message
-  and the user fixes the input and continues with `--resume`. A `tune.Stopper` is no use here (Ray 2.60):
-  `stop_all()` marks the search generator finished and the running trials TERMINATED without a score, and
-  the stopper itself is pickled into the experiment state, so a resumed run would stop at once, start no
-  new trial and never re-run the stopped ones.
+- A trial that reports an input error (`INPUT_ERROR_KEY`: the model factory, a checkpoint, the statistics)
+  stops the experiment the way a first Ctrl+C does: Tune leaves its loop, saves the experiment state and
+  returns, so the driver prints the one line and the user fixes the input and continues with `--resume`.
+  A `tune.Stopper` cannot do this: it is pickled into the experiment state, so a resumed run would stop again.
+- When the run ends it counts trials completed, errored and unfinished, which is how the driver tells a
+  finished search from an interrupted one (Tune returns normally in both cases).
+- `progress.png` in the experiment folder (best score vs trial, baselines marked) is redrawn at most every
+  `PROGRESS_PLOT_EVERY_S` and once at the end, for a user who can open one file but not the dashboard.
+  A daemon thread draws it: a figure costs a few hundred milliseconds that Tune's event loop should not wait.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
+from pathlib import Path
 
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.util import metrics
 
+from lcsc_ray.search.candidates import BASELINE_PREFIX, INDEX_KEY, LABEL_KEY
+from lcsc_ray.search.ray_compat import interrupt_tune_run
+from lcsc_ray.search.report import plot_best_so_far
+from lcsc_ray.search.trial import INPUT_ERROR_KEY
+
 STAGE_BUCKETS = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
+PROGRESS_PLOT = "progress.png"  # in the experiment folder
+PROGRESS_PLOT_EVERY_S = 30.0
 
 
 class SearchMonitor(tune.Callback):
@@ -39,16 +47,20 @@ class SearchMonitor(tune.Callback):
         self.print_every_s, self.penalty, self.echo = print_every_s, penalty, echo
         self.input_error: str | None = None
         self.unfinished: int | None = None  # trials neither completed nor errored when the run ended
+        self.completed = 0  # trials that reported their final score (this run's and restored ones)
         self.errored = 0  # trials that ended in ERROR (retries used up, or Tune gave up on them)
         self._started = time.monotonic()
         self._done_at_start: int | None = None
         self._last_print = 0.0
         self._metrics: tuple | None = None
+        self._last_plot = float("-inf")
+        self._plotter: threading.Thread | None = None
 
     def __getstate__(self) -> dict:
-        """Tune pickles its run config (tuner.pkl); metric handles and clocks belong to one process."""
+        """Tune pickles its run config (tuner.pkl); metric handles, clocks and threads belong to one process."""
         return {**self.__dict__, "_metrics": None, "_done_at_start": None, "_started": time.monotonic(),
-                "input_error": None, "unfinished": None}
+                "input_error": None, "unfinished": None, "completed": 0, "_last_plot": float("-inf"),
+                "_plotter": None}
 
     def metrics(self) -> tuple[metrics.Gauge, metrics.Gauge, metrics.Histogram]:
         """(best score gauge, completed trials gauge, stage seconds histogram), created on first use."""
@@ -67,10 +79,8 @@ class SearchMonitor(tune.Callback):
 
     def progress(self, trials: list[Trial], completing: Trial | None = None) -> tuple[int, float | None, float | None]:
         """(trials done, best score or None, ETA seconds or None) from the trial list Tune keeps, so the
-        numbers stay right across a resume (restored trials are in the list). `completing` is the trial whose
-        completion is being handled: Tune marks it terminated only after the callbacks ran."""
-        done = [t for t in trials if (t.status == Trial.TERMINATED or t is completing)
-                and t.last_result and self.metric in t.last_result]
+        numbers stay right across a resume (restored trials are in the list)."""
+        done = self._done(trials, completing)
         scores = [t.last_result[self.metric] for t in done if t.last_result[self.metric] < self.penalty]
         if self._done_at_start is None:
             self._done_at_start = len(done)
@@ -79,12 +89,45 @@ class SearchMonitor(tune.Callback):
         eta = (self.num_trials - len(done)) / rate if rate > 0 else None
         return len(done), (min(scores) if scores else None), eta
 
+    def _done(self, trials: list[Trial], completing: Trial | None) -> list[Trial]:
+        """The trials that reported their final score. `completing` is the trial whose completion is being
+        handled: Tune marks it terminated only after the callbacks ran."""
+        return [t for t in trials if (t.status == Trial.TERMINATED or t is completing)
+                and t.last_result and self.metric in t.last_result]
+
+    def plot_progress(self, trials: list[Trial], completing: Trial | None = None, *, final: bool = False) -> None:
+        """Redraw `progress.png` from a daemon thread unless one is still drawing or the last one started
+        less than `PROGRESS_PLOT_EVERY_S` ago; `final` (the run's end) draws the last state and waits for it."""
+        busy = self._plotter is not None and self._plotter.is_alive()
+        now = time.monotonic()
+        if not final and (busy or now - self._last_plot < PROGRESS_PLOT_EVERY_S):
+            return
+        if busy:
+            self._plotter.join()
+        done = sorted(self._done(trials, completing), key=lambda t: t.config.get(INDEX_KEY, 0))
+        if not done:
+            return
+        labels = [str(t.config.get(LABEL_KEY, "")) for t in done]
+        scores = [float(t.last_result[self.metric]) for t in done]
+        baselines = {label[len(BASELINE_PREFIX):]: score for label, score in zip(labels, scores)
+                     if label.startswith(BASELINE_PREFIX)}
+        path = Path(done[0].remote_experiment_path) / PROGRESS_PLOT
+        self._last_plot = now
+        self._plotter = threading.Thread(target=plot_best_so_far, args=(path, scores), daemon=True,
+                                         name="lcsc-progress-plot",
+                                         kwargs=dict(metric_name=self.metric, penalty=self.penalty,
+                                                     baselines=baselines))
+        self._plotter.start()
+        if final:
+            self._plotter.join()
+
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         if self._done_at_start is None:
             self.progress(trials)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         done, best, eta = self.progress(trials, completing=trial)
+        self.plot_progress(trials, completing=trial)
         best_gauge, completed_gauge, stage_histogram = self.metrics()
         completed_gauge.set(done)
         if best is not None:
@@ -100,39 +143,14 @@ class SearchMonitor(tune.Callback):
             print(f"[lcsc] {self.experiment}: {done}/{self.num_trials} trials, best {self.metric} {best_text}, "
                   f"ETA {eta_text}", flush=True)
 
-    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        """Called once a trial has used up its `FailureConfig` retries. An `LcscError` is an input problem:
-        interrupt the run so it stays resumable (module docstring); other errors only lose that trial."""
-        message = input_error_message(trial)
-        if message is not None:
-            self.input_error = message
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
+        if INPUT_ERROR_KEY in result and self.input_error is None:
+            self.input_error = str(result[INPUT_ERROR_KEY])
             interrupt_tune_run()
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
+        self.completed = sum(t.status == Trial.TERMINATED and self.metric in (t.last_result or {}) for t in trials)
         self.unfinished = sum(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials)
         self.errored = sum(t.status == Trial.ERROR for t in trials)
+        self.plot_progress(trials, final=True)
 
-
-def input_error_message(trial: Trial) -> str | None:
-    """The `LcscError` message of the trial's latest failure, or None when it failed otherwise.
-
-    Read from the driver's own copy of the trial's error file (`trial.error_file`, written just before the
-    callback runs), not `trial.get_error()`: that reads the copy in the experiment storage, which Tune
-    syncs later and which, on a resumed run, still holds the failures of the previous run (the file is
-    appended to, one `Failure # n` section per failure)."""
-    path = trial.error_file
-    if not path or not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        latest = handle.read().rsplit("Failure # ", 1)[-1]
-    lines = [line for line in latest.splitlines() if "LcscError:" in line]
-    return lines[-1].split("LcscError:", 1)[1].strip() if lines else None
-
-
-def interrupt_tune_run() -> None:
-    """End the running `tune.run` loop as Ctrl+C would: Tune installs a SIGUSR1 handler in the driver's
-    main thread that sets its 'interrupted' event, saves the experiment state once more and returns the
-    results so far (Ray 2.60 `tune.tune._setup_signal_catching`). Callbacks run in that thread."""
-    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGUSR1)):
-        raise RuntimeError("the search must run in the main thread of the driver (Tune handles SIGUSR1 there)")
-    os.kill(os.getpid(), signal.SIGUSR1)

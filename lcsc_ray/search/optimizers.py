@@ -1,7 +1,7 @@
 """Build a seeded Nevergrad optimizer by the name users type (`--optimizer lcsc-es|TwoPointsDE|CMA|...`).
 
 The registry is Nevergrad's own (`ng.optimizers.registry`); importing this module registers `lcsc-es`.
-Guards, from RAY-NOTES (Ray 2.60 + Nevergrad 1.0.12 + numpy 2.4):
+Guards (seen with Ray 2.60, Nevergrad 1.0.12, numpy 2.4; docs/RAY_NEVERGRAD.md, Optimizers that must be avoided):
 - `NGOpt` (and its numbered variants) crashes inside `ask` with numpy >= 2.3 at small K and routes bounded
   arrays to Cobyla, which cannot be pickled with the experiment: it is replaced by `CMA` (what it would
   pick for a continuous bounded space with a large budget) and a note is printed.

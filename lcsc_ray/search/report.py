@@ -5,13 +5,14 @@ leaves a half file next to a finished search."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from lcsc_ray.atomic import atomic_path, atomic_write_json
+from lcsc_ray.atomic import atomic_write_json
+from lcsc_ray.images import new_figure, save_figure
 
 
 @dataclass
@@ -24,7 +25,6 @@ class ScoredCandidate:
     search_score: float | None
     heldout_score: float | None = None
     trial: int | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def format_table(rows: Sequence[ScoredCandidate], metric_name: str, *, search_samples: int, final_samples: int) -> str:
@@ -69,16 +69,12 @@ def plot_best_so_far(path: Path, scores: Sequence[float], *, metric_name: str, p
                      baselines: dict[str, float]) -> Path:
     """Every trial's search score (penalised trials left out) with the best-so-far curve and the
     baselines' search scores as horizontal references."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     scores_arr = np.asarray(scores, dtype=np.float64)
     ok = scores_arr < penalty
     trials = np.arange(1, len(scores_arr) + 1)
     best = np.minimum.accumulate(np.where(ok, scores_arr, np.inf))
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, axes = new_figure(width=7)
+    ax = axes[0, 0]
     ax.scatter(trials[ok], scores_arr[ok], s=8, alpha=0.35, color="tab:gray", label="trial")
     ax.plot(trials, best, color="tab:red", lw=2, label="best so far")
     for i, (name, value) in enumerate(baselines.items()):
@@ -91,21 +87,13 @@ def plot_best_so_far(path: Path, scores: Sequence[float], *, metric_name: str, p
     ax.set_xlabel("trial")
     ax.set_ylabel(f"search {metric_name} (lower is better)")
     ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_coefficients(path: Path, steps: Sequence[int], profiles: dict[str, np.ndarray]) -> Path:
     """Coefficient αᵢ against the training step nᵢ of checkpoint i, one line per profile (winner first)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, axes = new_figure(width=7)
+    ax = axes[0, 0]
     for i, (name, alpha) in enumerate(profiles.items()):
         style = dict(lw=2, marker="o", ms=3) if i == 0 else dict(lw=1, ls="--")
         ax.plot(steps, alpha, label=name, **style)
@@ -113,8 +101,4 @@ def plot_coefficients(path: Path, steps: Sequence[int], profiles: dict[str, np.n
     ax.set_xlabel("training step of checkpoint")
     ax.set_ylabel("coefficient α")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

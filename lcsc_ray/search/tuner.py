@@ -1,40 +1,45 @@
 """Run the coefficient search as a Ray Tune experiment (fresh or resumed) and collect its trials.
 
 `run_search` is the one place that builds the `tune.Tuner`: `LcscNevergradSearch` as the search algorithm,
-`num_samples` as the budget (Nevergrad never stops by itself, RAY-NOTES), `reuse_actors=True` so each worker
-keeps its scorer cached, short trial folder names, `FailureConfig` retries, and a `SearchMonitor` callback
-(progress line with ETA, live metrics, stop on input errors).
+`num_samples` as the budget (a Nevergrad searcher never ends the search itself), `reuse_actors=True` so each
+worker keeps its scorer, short trial folder names, `FailureConfig` retries, and a `SearchMonitor` callback.
 
-Resume (`resume=True`) goes through `Tuner.restore(..., resume_unfinished=True, resume_errored=True)`: the
-searcher (optimizer state, pending warm starts, suggestion counter) and the trial budget come back from
-the experiment files, so a restored search runs on to the original count and does not re-suggest
-baselines it already ran. Ray silently starts a fresh experiment when its state file is missing or
-corrupt (RAY-NOTES), so this module checks the files first and refuses with a message instead.
-Trials that end in ERROR without an input problem (a lost node or worker) are re-run once through the
-same restore at the end, so the search completes its count. A run that ends early (Ctrl+C, or the
-monitor's stop on an input error, both through Tune's signal handler, which saves the state once more) is
-reported as an `LcscError`/`input_error` with the resume command, never as a finished search.
+How a run ends, and what the caller gets:
+- the budget is reached: a `ResultTable`;
+- a trial reported an input problem: `LcscError` with that line and the resume command (exit status 2);
+- Ctrl+C or SIGTERM (or `ray job stop`): Tune saves the experiment state; `SearchInterrupted` with the
+  exact resume command (exit status 130), never a table. A second signal exits at once;
+- trials that ended in ERROR without an input problem (a lost node or worker) are re-run once through the
+  same restore, so the search completes its count.
+Resume goes through `Tuner.restore(..., resume_unfinished=True, resume_errored=True)`; Ray silently starts
+afresh when the experiment state is missing or corrupt, so the files are checked first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import re
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from lcsc_ray.atomic import atomic_write_json
-from lcsc_ray.errors import LcscError
+from lcsc_ray.errors import LcscError, SearchInterrupted
+from lcsc_ray.search.candidates import INDEX_KEY, decode_candidate
 from lcsc_ray.search.monitor import SearchMonitor
 from lcsc_ray.search.optimizers import build_optimizer, resolve_optimizer_name
-from lcsc_ray.search.searcher import INDEX_KEY, LcscNevergradSearch, decode_candidate, load_searcher
+from lcsc_ray.search.ray_compat import (allow_results_without_metric, check_ray_version, interrupt_tune_run,
+                                        run_config_of)
+from lcsc_ray.search.searcher import LcscNevergradSearch, load_searcher
 from search_spaces.spaces import CoefficientSpace
 
 MANIFEST = "lcsc_search.json"
@@ -66,22 +71,6 @@ class ResultTable:
     num_errored: int = 0
     told: list[tuple[int, str, float]] = field(default_factory=list)  # (index, label, loss) per optimizer tell
     num_tell_not_asked: int = 0
-    input_error: str | None = None  # set when a trial hit an input problem and the search was stopped
-
-    @property
-    def best_so_far(self) -> np.ndarray:
-        """Running minimum of the score over trial order (the 'best score vs trial' curve)."""
-        return np.minimum.accumulate(np.array([row.score for row in self.rows], dtype=np.float64))
-
-    def best(self) -> TrialRecord:
-        """The completed trial with the lowest score."""
-        if not self.rows:
-            raise LcscError(f"the search in {self.experiment_path} has no completed trials")
-        return min(self.rows, key=lambda row: row.score)
-
-    def top(self, k: int) -> list[TrialRecord]:
-        """The k lowest-scoring completed trials, best first."""
-        return sorted(self.rows, key=lambda row: row.score)[:k]
 
     def baselines(self) -> dict[str, TrialRecord]:
         """The warm-start trials by name (without the `baseline:` prefix)."""
@@ -150,18 +139,23 @@ def run_search(
     max_failures: int = 2,
     progress: bool = True,
     penalty: float = float("inf"),
+    resume_hint: str | None = None,
 ) -> ResultTable:
-    """Run (or resume) the search and return its completed trials.
+    """Run (or resume) the search to its budget and return its completed trials (module docstring for the
+    other endings; `resume_hint` is the command printed for them, by default the flags that name the run).
 
-    `trainable` is a Ray Tune function trainable receiving `config` with the keys of
-    `lcsc_ray.search.searcher` (decode with `decode_candidate`); it must report `metric` (lower is better).
+    `trainable` is a Ray Tune trainable receiving `config` with the keys of `lcsc_ray.search.candidates`
+    (decode with `decode_candidate`); it must report `metric` (lower is better).
     `warm_start` maps baseline names to α [K]; they are the first trials and are told to the optimizer.
     `resources` is the per-trial request, e.g. {"cpu": 1, "gpu": 0.5}. Ray must already be initialised
     (or is started locally by Tune).
     """
     exp_dir = _experiment_dir(storage, name)
     manifest = check_experiment(storage, name, resume=resume)
-    wrapped = tune.with_resources(trainable, resources) if resources else trainable
+    check_ray_version()
+    allow_results_without_metric()
+    resume_hint = resume_hint or f"--resume --name {name} --storage {exp_dir.parent}"
+    wrapped = _actor_named(tune.with_resources(trainable, resources) if resources else trainable)
     if manifest is not None:
         if (manifest["space"], manifest["num_checkpoints"]) != (space.name, space.num_checkpoints):
             raise LcscError(
@@ -210,19 +204,35 @@ def run_search(
         )
         budget = num_trials
         grid, monitor = _fit(tuner, name, budget, metric, penalty, progress)
-    if monitor.errored and not monitor.input_error and not monitor.unfinished:
+    _check_ending(monitor, name, budget, resume_hint)
+    if monitor.errored:
         # A trial whose node or worker died can end in ERROR with retries left: Tune stops instead of
         # recovering a trial whose second failure event arrives while it is already pending a retry. The
         # candidate was never told, so the budget would come up short: re-run the errored trials once.
         print(f"note: {monitor.errored} trial(s) of {name} ended in error (a lost node or worker); re-running "
               f"them once")
         grid, monitor = _fit(_restore(exp_dir, wrapped), name, budget, metric, penalty, progress)
-    table = collect_results(grid, space, metric=metric, experiment_path=exp_dir)
-    table.input_error = monitor.input_error
-    if not table.input_error and monitor.unfinished:
-        raise LcscError(f"search {name} was interrupted with {len(table.rows)} of {budget} trials completed; "
-                        f"continue it with --resume --name {name} --storage {exp_dir.parent}")
-    return table
+        _check_ending(monitor, name, budget, resume_hint)
+    return collect_results(grid, space, metric=metric, experiment_path=exp_dir)
+
+
+def _actor_named(trainable: Callable | type) -> Callable | type:
+    """Give a class trainable that Tune built (`with_parameters`, `with_resources`) its own name as qualified
+    name: Ray names actors by `__qualname__`, which Tune leaves at e.g.
+    `with_resources.<locals>.ResourceTrainable`, and the dashboard should list our class instead. `__name__`
+    stays as it is: Tune registers the trainable under it and a resumed experiment must find it again."""
+    if isinstance(trainable, type) and "<locals>" in trainable.__qualname__:
+        trainable.__qualname__ = trainable.__name__
+    return trainable
+
+
+def _check_ending(monitor: SearchMonitor, name: str, budget: int, resume_hint: str) -> None:
+    """Raise unless the run ended by reaching its budget (completed or errored trials)."""
+    if monitor.input_error:
+        raise LcscError(f"{monitor.input_error} (search stopped; fix this, then continue with: {resume_hint})")
+    if monitor.completed + monitor.errored < budget:
+        raise SearchInterrupted(f"search {name} stopped with {monitor.completed} of {budget} trials completed; "
+                                f"its state is saved, continue it with: {resume_hint}")
 
 
 def _restore(exp_dir: Path, trainable: Any) -> tune.Tuner:
@@ -234,7 +244,36 @@ def _fit(tuner: tune.Tuner, name: str, num_trials: int, metric: str, penalty: fl
          progress: bool) -> tuple[Any, SearchMonitor]:
     """Run the tuner with this process's monitor attached; the result grid and the monitor."""
     monitor = _attach_monitor(tuner, name, num_trials, metric, penalty, progress)
-    return tuner.fit(), monitor
+    with _stop_signals():
+        grid = tuner.fit()
+    return grid, monitor
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """Make SIGTERM (cluster schedulers, `ray job stop`) stop the search like a first Ctrl+C, and a second
+    stop signal of either kind exit at once.
+
+    Tune handles the first SIGINT itself (leave the loop, save the state) and then puts back the handler it
+    found, which is the one installed here; SIGTERM is turned into Tune's SIGUSR1, which it handles the same
+    way. The saved state stays resumable when the second signal exits without waiting."""
+    received = []
+
+    def handle(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if signum == signal.SIGTERM and len(received) == 1:
+            interrupt_tune_run()
+            return
+        print("\nsecond stop signal: exiting now; the last saved state of the search is kept (--resume)",
+              file=sys.stderr, flush=True)
+        os._exit(130)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _attach_monitor(tuner: tune.Tuner, name: str, num_trials: int, metric: str, penalty: float,
@@ -242,7 +281,7 @@ def _attach_monitor(tuner: tune.Tuner, name: str, num_trials: int, metric: str, 
     """Give the run this process's monitor. A restored run's config comes from tuner.pkl, so it is set on
     the tuner's run config rather than passed in, the same way for fresh and restored runs."""
     monitor = SearchMonitor(experiment=name, num_trials=num_trials, metric=metric, penalty=penalty, echo=progress)
-    run_config = tuner._local_tuner.get_run_config()
+    run_config = run_config_of(tuner)
     run_config.callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, SearchMonitor)] + [monitor]
     return monitor
 

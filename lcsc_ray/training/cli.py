@@ -1,4 +1,4 @@
-"""The flags of launch/train_cm.py and launch/train_dm.py (one parser, defaults from demo.py)."""
+"""The flags of `lcsc-train-cm` / `lcsc-train-dm` (launch/train_*.py): one parser, defaults from demo.py."""
 
 from __future__ import annotations
 
@@ -40,13 +40,14 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     parser.add_argument("--attention", action="store_true", help="self-attention at the lowest resolution")
     parser.add_argument("--dropout", type=float, default=m["dropout"], help="dropout in residual blocks")
     parser.add_argument("--model-kwargs", default=None, help="JSON kwargs for a custom --model (replaces the U-Net size flags)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids oversubscription on shared CPUs; 0 = torch's default)")
-    parser.add_argument("--device", default="cpu", help="torch device for the network and data, e.g. cuda")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids oversubscription on shared CPUs; 0 = torch's default: all cores)")
+    parser.add_argument("--device", default="auto", help="torch device for the network and data: auto (a visible GPU, else the CPU), cpu, cuda or cuda:N")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def main(kind: str, argv: list[str] | None = None) -> None:
+    """Train (or resume) the run of `kind` described by the flags and print its statistics as JSON."""
     args = build_parser(kind).parse_args(argv)
     if args.model_kwargs is not None:
         try:

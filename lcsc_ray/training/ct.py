@@ -1,14 +1,14 @@
 """Consistency training (CT) loss, improved-CT variant (Song & Dhariwal 2023, "Improved Techniques for
-Training Consistency Models", iCT), on the OpenAI conventions of LCSC-NOTES §3.
+Training Consistency Models", iCT), on the OpenAI conventions (lcsc_ray/precond.py).
 
 Choices (documented in run.json under `training`):
 - Karras σ grid with σ_min 0.002, σ_max 80, ρ 7 and boundary-condition scalings (lcsc_ray/precond.py).
 - Growing discretisation N(k) = min(s₀·2^⌊k/K'⌋, s₁) + 1, K' = ⌊K / (⌊log₂(s₁/s₀)⌋ + 1)⌋ (iCT Eq. 11).
-- No target EMA: the target is the online network under stop-gradient (iCT §3.2); a separate training EMA
+- No target EMA: the target is the online network under stop-gradient (iCT Sec. 3.2); a separate training EMA
   is kept for evaluation only (lcsc_ray/training/loop.py).
 - Noise-level index sampled from the discretised log-normal p(i) (iCT Eq. 10, P_mean −1.1, P_std 2.0),
-  weight λ(σᵢ) = 1/(σᵢ₊₁ − σᵢ) (iCT §3.4), pseudo-Huber distance √(‖a−b‖² + c²) − c with c = 0.00054·√d
-  (iCT §3.3).
+  weight λ(σᵢ) = 1/(σᵢ₊₁ − σᵢ) (iCT Sec. 3.4), pseudo-Huber distance √(‖a−b‖² + c²) − c with c = 0.00054·√d
+  (iCT Sec. 3.3).
 """
 
 from __future__ import annotations

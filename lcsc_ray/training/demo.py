@@ -1,5 +1,5 @@
 """The embedded demo runs: CT and EDM training on scikit-learn's bundled 8x8 digits, sized to finish in a few
-minutes on a 2-core CPU while saving >= 100 raw checkpoints for LCSC to combine (issue 3, item 8).
+minutes on a small CPU while saving >= 100 raw checkpoints for LCSC to combine.
 
 The defaults live here (the CLIs in launch/ and the search's `ensure_demo_run` share them); the run folder
 is `cache_dir()/runs/digits-<kind>`, reused by later searches.
@@ -11,16 +11,14 @@ from pathlib import Path
 
 from lcsc_ray.errors import LcscError
 from lcsc_ray.paths import cache_dir
-from lcsc_ray.run_folder import DONE_JSON
+from lcsc_ray.run_folder import DONE_JSON, KINDS
 from lcsc_ray.training.loop import make_config, train
 
 DEMO_MODEL = {"channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attention": False, "dropout": 0.0}
-DEFAULTS: dict[str, dict] = {
-    "cm": {"data": "digits", "steps": 3000, "save_every": 30, "batch_size": 64, "lr": 1e-3, "seed": 0,
-           "ema_decay": 0.999, "warmup": 100, "model_kwargs": DEMO_MODEL},
-    "dm": {"data": "digits", "steps": 3000, "save_every": 30, "batch_size": 64, "lr": 1e-3, "seed": 0,
-           "ema_decay": 0.999, "warmup": 100, "model_kwargs": DEMO_MODEL},
-}
+DEMO_SETTINGS = {"data": "digits", "steps": 3000, "save_every": 30, "batch_size": 64, "lr": 1e-3, "seed": 0,
+                 "ema_decay": 0.999, "warmup": 100, "model_kwargs": DEMO_MODEL}
+# Both kinds train with the same settings on the demo data.
+DEFAULTS: dict[str, dict] = {kind: DEMO_SETTINGS for kind in KINDS}
 
 
 def default_run_dir(kind: str) -> Path:

@@ -1,4 +1,4 @@
-"""EDM diffusion training loss (Karras et al. 2022, "Elucidating the Design Space...", §5 and Table 1).
+"""EDM diffusion training loss (Karras et al. 2022, "Elucidating the Design Space...", Sec. 5 and Table 1).
 
 ln σ ~ N(P_mean, P_std²) with P_mean −1.2, P_std 1.2; loss λ(σ)·‖D_θ(x + σn, σ) − x‖² with
 λ(σ) = (σ² + σ_d²)/(σ·σ_d)², which makes the effective target of the raw network unit-variance.

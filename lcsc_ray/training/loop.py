@@ -19,14 +19,15 @@ from tqdm import tqdm
 
 from lcsc_ray.atomic import atomic_write_json
 from lcsc_ray.data import load_images
+from lcsc_ray.devices import resolve_device
 from lcsc_ray.errors import LcscError
+from lcsc_ray.images import write_sample_grid
 from lcsc_ray.models import build_model
 from lcsc_ray.precond import SigmaConfig
 from lcsc_ray.run_folder import DONE_JSON, RUN_JSON, load_run, validate_config
 from lcsc_ray.training.checkpointing import resume, save_checkpoint
 from lcsc_ray.training.ct import CT_DEFAULTS, ct_loss
 from lcsc_ray.training.dm import DM_DEFAULTS, edm_loss
-from lcsc_ray.training.preview import write_sample_grid
 
 LOSSES = {"cm": (ct_loss, CT_DEFAULTS), "dm": (edm_loss, DM_DEFAULTS)}
 
@@ -75,19 +76,15 @@ def train(
     """Train (or resume) the run described by `config` in `run_dir`; return the done.json statistics.
 
     `threads` caps torch's intra-op threads while training (restored afterwards; None leaves it alone):
-    the demo model is so small that on a shared 2-core machine two OpenMP threads per process spin against
-    other processes and ran 25x slower than one thread in our measurements. `device` holds the network and
-    data (e.g. "cuda"); random numbers always come from one CPU generator, so resume is exact everywhere.
+    the demo model is so small that a second OpenMP thread per process mostly spins against other processes
+    on a shared CPU. `device` ("auto", "cpu", "cuda", ...) holds the network and data; random numbers always
+    come from one CPU generator, so resume is exact everywhere.
     """
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        try:
-            target = torch.device(device)
-        except RuntimeError:
-            raise LcscError(f"--device {device!r}: not a torch device; use cpu, cuda or cuda:<index>") from None
-        return _train(Path(run_dir).expanduser().resolve(), config, quiet, target)
+        return _train(Path(run_dir).expanduser().resolve(), config, quiet, resolve_device(device))
     finally:
         torch.set_num_threads(previous)
 

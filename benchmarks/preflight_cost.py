@@ -1,0 +1,89 @@
+"""What the preflight costs next to one trial, at the demo size and at CIFAR-10 size, measured in the same run.
+
+    python benchmarks/preflight_cost.py [--demo-run RUN] [--cifar-checkpoints 10] [--cifar-samples 500]
+
+The preflight reads every selected checkpoint's header, two checkpoints fully, builds the network, sampler and
+extractor, and samples two images; a trial merges, samples `--fid-samples` images and scores them. Both are
+timed after a warm-up (the median of `--repeats`). The CIFAR-size run is the presets' U-Net with random
+weights and a random-weight InceptionV3 (timings only, no FID); its trial is measured at `--cifar-samples`
+and, since sampling and features scale linearly in the sample count, also projected to the preset's 5,000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gpu_probe import CIFAR_UNET, write_run
+from lcsc_ray.checkpoints import discover_checkpoints
+from lcsc_ray.preflight import preflight
+from lcsc_ray.reference_stats import ReferenceStats, ensure_reference_stats, save_reference_stats
+from lcsc_ray.run_folder import load_run
+from lcsc_ray.scoring import CandidateScorer, ScoringSpec
+from lcsc_ray.training.demo import ensure_demo_run
+
+CIFAR_PRESET_SAMPLES = 5000
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: imports, caches, first allocations
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure(spec: ScoringSpec, samples: int, repeats: int) -> tuple[float, float]:
+    """(preflight seconds, trial seconds at `samples`) for the run `spec` describes."""
+    run = load_run(spec.run_dir)
+    preflight_s = median_seconds(lambda: preflight(spec, run), repeats)
+    scorer = CandidateScorer(spec)
+    alpha = np.full(len(spec.files), 1.0 / len(spec.files))
+    trial_s = median_seconds(lambda: scorer.score(alpha, seed=0, num_samples=samples), repeats)
+    return preflight_s, trial_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo-run", help="a digits CM run folder; default: the embedded demo (trained on first use)")
+    parser.add_argument("--demo-samples", type=int, default=2000, help="samples per demo trial (the digits-cm preset)")
+    parser.add_argument("--cifar-checkpoints", type=int, default=10)
+    parser.add_argument("--cifar-samples", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    demo = Path(args.demo_run) if args.demo_run else ensure_demo_run("cm", quiet=True)
+    demo_run = load_run(demo)
+    demo_spec = ScoringSpec(run_dir=str(demo), files=tuple(discover_checkpoints(demo_run.checkpoint_dir)),
+                            reference_stats=str(ensure_reference_stats(demo_run.config["data"], "digits")),
+                            extractor="digits", device="cpu", threads=1)
+    rows = [("demo (digits CM)", len(demo_spec.files), args.demo_samples,
+             *measure(demo_spec, args.demo_samples, args.repeats))]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_run(Path(tmp) / "run", args.cifar_checkpoints, CIFAR_UNET)
+        stats = Path(tmp) / "ref.npz"
+        dim = 2048
+        save_reference_stats(stats, ReferenceStats(np.zeros(dim), np.eye(dim),
+                                                   {"extractor": "inception-random", "dataset": "random"}))
+        cifar_spec = ScoringSpec(run_dir=str(folder), files=tuple(discover_checkpoints(folder / "checkpoints")),
+                                 reference_stats=str(stats), extractor="inception-random", sampler="multistep",
+                                 sampler_options={"steps": 18, "ts": [0, 10]}, batch_size=100, device="cpu", threads=1)
+        preflight_s, trial_s = measure(cifar_spec, args.cifar_samples, 1)
+        rows.append(("CIFAR-10 size (2-step CM)", len(cifar_spec.files), args.cifar_samples, preflight_s, trial_s))
+        rows.append(("  projected to the preset", len(cifar_spec.files), CIFAR_PRESET_SAMPLES, preflight_s,
+                     trial_s * CIFAR_PRESET_SAMPLES / args.cifar_samples))
+
+    print(f"{'run':<28} {'K':>4} {'samples':>8} {'preflight s':>12} {'trial s':>9} {'preflight/trial':>16}")
+    for name, k, samples, preflight_s, trial_s in rows:
+        print(f"{name:<28} {k:>4} {samples:>8} {preflight_s:>12.3f} {trial_s:>9.3f} {preflight_s / trial_s:>16.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Merge the saved checkpoints of one training run with given coefficients and export the result.
+
+discover -> select -> print the chosen steps -> stack -> merge -> export (weights + JSON sidecar), e.g.
+
+    lcsc-merge runs/cm/checkpoints --window 40000 --interval 1 --profile ema_0.999 --out outputs/ema_0.999.safetensors
+    lcsc-merge runs/cm/checkpoints --coefficients best.json --out outputs/lcsc
+
+(`python launch/merge_checkpoints.py ...` is the same command.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lcsc_ray.checkpoints import discover_checkpoints, select_checkpoints
+from lcsc_ray.errors import LcscError
+from lcsc_ray.export import export_merged
+from lcsc_ray.profiles import named_profile
+from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Merge the checkpoints of one training run as θ = Σ αᵢ θᵢ (LCSC) and export the result "
+                    "in the inputs' format, with a JSON sidecar of the coefficients.")
+    parser.add_argument("checkpoint_dir", help="folder holding the run's checkpoints (files with a step number "
+                        "in the name, or checkpoint-<step>/ sub-folders)")
+    parser.add_argument("--ckpt-pattern", help=r"regular expression matched against whole file/folder names, with a "
+                        r"group for the step, e.g. 'model_(?P<step>\d+)\.pt' (default: last number in the name)")
+    parser.add_argument("--ckpt-key", help="key of the state dict inside .pt files holding several entries "
+                        "(model, ema, ...); nested keys as a/b")
+    parser.add_argument("--window", type=int, help="keep checkpoints from the last WINDOW training iterations")
+    parser.add_argument("--interval", type=int, default=1,
+                        help="keep every INTERVAL-th saved checkpoint, counted back from the newest (default 1)")
+    parser.add_argument("--max-checkpoints", type=int, help="then keep at most the newest N checkpoints")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--profile", help="baseline coefficients: newest, uniform, ema_<decay> (e.g. ema_0.999) or phema_<width> (EDM2 post-hoc EMA, e.g. phema_0.1)")
+    source.add_argument("--coefficients", help="coefficients as a comma list ('0.2,0.3,0.5') or a JSON file "
+                        "holding a list or an object with 'coefficients'/'alpha' (and optionally 'steps', checked)")
+    parser.add_argument("--out", help="output weights path (suffix of the inputs' format, or none: a folder for "
+                        "checkpoint-<step>/ inputs); a <out>.json sidecar is written next to it")
+    parser.add_argument("--stack-dtype", choices=sorted(STORAGE_DTYPES), default="float32",
+                        help="storage of the stacked checkpoints; bfloat16/float16 store deltas from the newest "
+                             "(half the memory, ~1e-3 relative error at most) (default float32)")
+    parser.add_argument("--device", default="auto", help="device for the stack and the merge: auto (a visible "
+                        "GPU, else the CPU), cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (0 = torch's default: all cores) (default 1)")
+    return parser
+
+
+def read_coefficients(text: str, steps: list[int]) -> np.ndarray:
+    """Coefficients from a comma list or a JSON file (a list, or an object with coefficients/alpha)."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise LcscError(f"--coefficients {path}: not a readable JSON file ({error})") from error
+        if isinstance(loaded, dict):
+            if loaded.get("steps") is not None and list(loaded["steps"]) != steps:
+                raise LcscError(f"--coefficients {path}: written for steps {loaded['steps']} but the selection is "
+                                f"{steps}; select the same checkpoints (--window/--interval/--max-checkpoints)")
+            loaded = loaded.get("coefficients", loaded.get("alpha"))
+        values = loaded
+    else:
+        try:
+            values = [float(part) for part in text.split(",")]
+        except ValueError as error:
+            raise LcscError(f"--coefficients {text!r}: neither a file nor a comma list of numbers") from error
+    try:
+        return np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as error:
+        raise LcscError(f"--coefficients {text}: expected a list of numbers") from error
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    files = select_checkpoints(discover_checkpoints(args.checkpoint_dir, args.ckpt_pattern), window=args.window,
+                               interval=args.interval, max_count=args.max_checkpoints)
+    steps = [f.step for f in files]
+    print(f"selected {len(files)} checkpoints, steps: {', '.join(map(str, steps))}")
+    if args.profile is None and args.coefficients is None:
+        return
+    if args.out is None:
+        raise LcscError("--out is required to export a merged checkpoint")
+    alpha = named_profile(args.profile, steps) if args.profile else read_coefficients(args.coefficients, steps)
+    if alpha.shape != (len(steps),):
+        raise LcscError(f"--coefficients: {alpha.size} values for {len(steps)} selected checkpoints")
+    stack = CheckpointStack.from_files(files, ckpt_key=args.ckpt_key, device=args.device,
+                                       storage_dtype=STORAGE_DTYPES[args.stack_dtype])
+    target = export_merged(stack, alpha, args.out, extra={"profile": args.profile} if args.profile else None)
+    print(f"wrote {target} (+ {target.name}.json), coefficient sum {alpha.sum():.6g}")
+

@@ -1,0 +1,43 @@
+"""Image outputs: sample grids and matplotlib figures, each written atomically (a crash leaves the old file
+or the complete new one, never a truncated PNG next to finished results)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.utils import save_image
+
+from lcsc_ray.atomic import atomic_path, atomic_write
+from lcsc_ray.noise import FixedNoise
+from lcsc_ray.run_folder import RunInfo
+from lcsc_ray.sampling import Sampler, build_sampler
+
+
+def write_sample_grid(run: RunInfo, net: nn.Module, path: Path, count: int = 100, seed: int = 0, scale: int = 4,
+                      sampler: Sampler | None = None) -> Path:
+    """Sample `count` images with fixed noise (the run's default sampler unless `sampler` is given) and save
+    them as a square grid, upscaled `scale`x (nearest) so small images stay legible."""
+    images = (sampler or build_sampler(run)).sample(net, FixedNoise(seed, run.image_shape), 0, count)
+    images = torch.nn.functional.interpolate((images + 1) / 2, scale_factor=scale, mode="nearest")
+    nrow = max(1, int(count**0.5))
+    return atomic_write(path, lambda tmp: save_image(images, str(tmp), nrow=nrow, padding=2, pad_value=0.5))
+
+
+def new_figure(cols: int = 1, *, width: float = 6.5, height: float = 4.2) -> tuple[Any, Any]:
+    """(figure, axes[1, cols]) outside pyplot: no display needed and no global figure state, so the search
+    monitor can draw from a background thread while the driver runs."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * cols, height), dpi=110)
+    return fig, fig.subplots(1, cols, squeeze=False)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out `fig` and write it to `path` as PNG atomically."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)

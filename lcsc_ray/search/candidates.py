@@ -1,0 +1,113 @@
+"""The candidate store: every suggested coefficient value, and the score of every finished evaluation, on disk.
+
+`<experiment>/candidates/<index:06d>-<digest>.npy` holds the value (float64 [D]) of suggestion number
+`index`; `<digest>` is a prefix of the SHA-256 of its bytes, so a file that was damaged or replaced is an
+error, never a silently different α, and two values never share a file. A trial config carries only that
+path, its label and its index: Ray copies every config several times into the experiment state it rewrites
+at each checkpoint, and a path costs the same at any K.
+
+Next to a value, `<index:06d>-<digest>.result.json` is written (atomically) by the trial as soon as the
+evaluation finished, before Ray hears of it. The experiment state Ray saves lags behind by up to one
+checkpoint period, so after a driver is killed these records are the only complete account of what was
+evaluated: a resumed search replays them instead of evaluating the same candidate again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lcsc_ray.atomic import atomic_write, atomic_write_json
+from lcsc_ray.errors import LcscError
+
+CANDIDATE_KEY = "lcsc_candidate"
+LABEL_KEY = "lcsc_label"
+INDEX_KEY = "lcsc_index"
+SEARCH_LABEL = "search"
+BASELINE_PREFIX = "baseline:"
+CANDIDATES_DIR = "candidates"  # inside the experiment folder
+RECORD_SUFFIX = ".result.json"
+DIGEST_CHARS = 16  # 64 bits of SHA-256: enough to tell values apart, short enough for many copies per trial
+_DAMAGED = "the experiment folder is damaged: restore it from a copy or run the search again under another --name"
+
+
+def digest(value: np.ndarray) -> str:
+    """The store's name for a float64 value: a prefix of the SHA-256 of its bytes."""
+    return hashlib.sha256(np.ascontiguousarray(value, dtype="<f8").tobytes()).hexdigest()[:DIGEST_CHARS]
+
+
+def save_candidate(candidates_dir: str | os.PathLike, index: int, label: str, value: np.ndarray) -> dict:
+    """Write `value` (float64 [D]) to the store and return the trial config that names it."""
+    value = np.ascontiguousarray(value, dtype="<f8")
+    if value.ndim != 1:
+        raise LcscError(f"a candidate value must be a vector, got shape {value.shape}")
+    path = Path(candidates_dir).resolve() / f"{index:06d}-{digest(value)}.npy"
+    if not path.is_file():
+        atomic_write(path, lambda tmp: np.save(tmp, value, allow_pickle=False))
+    return {CANDIDATE_KEY: str(path), LABEL_KEY: label, INDEX_KEY: int(index)}
+
+
+def _load_value(path: Path) -> np.ndarray:
+    """The value stored at `path`, checked against the digest in its name."""
+    try:
+        value = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise LcscError(
+            f"candidate file {path} is missing: the experiment's {CANDIDATES_DIR}/ folder was moved or deleted "
+            "(put it back at that path), or this node does not see it (put --storage on storage every node mounts)"
+        ) from None
+    except (OSError, ValueError, EOFError) as error:
+        raise LcscError(f"candidate file {path} is unreadable ({error}); {_DAMAGED}") from None
+    expected = path.stem.rpartition("-")[2]
+    if (not isinstance(value, np.ndarray) or value.dtype != np.dtype("<f8") or value.ndim != 1
+            or digest(value) != expected):
+        raise LcscError(f"candidate file {path} does not hold the float64 vector with digest {expected} its trial "
+                        f"was given; {_DAMAGED}")
+    return value
+
+
+def decode_candidate(config: dict) -> tuple[np.ndarray, str]:
+    """The trial's parametrization value (float64 [D]) and label from its Ray Tune `config`."""
+    try:
+        path = Path(config[CANDIDATE_KEY])
+        label = str(config[LABEL_KEY])
+    except (KeyError, TypeError):
+        raise LcscError(
+            f"trial config lacks {CANDIDATE_KEY!r}/{LABEL_KEY!r}: the trial was not created by "
+            f"LcscNevergradSearch (keys: {sorted(config)})"
+        ) from None
+    return _load_value(path), label
+
+
+def _record_path(candidate_path: str | os.PathLike) -> Path:
+    path = Path(candidate_path)
+    return path.with_name(path.stem + RECORD_SUFFIX)
+
+
+def save_record(config: dict, result: dict[str, Any]) -> None:
+    """Record the finished evaluation of the trial's candidate (a score or a penalty) next to its value."""
+    atomic_write_json(_record_path(config[CANDIDATE_KEY]), result)
+
+
+def load_record(config: dict) -> dict[str, Any] | None:
+    """The recorded result of the trial's candidate, or None when it was never evaluated to the end."""
+    path = _record_path(config[CANDIDATE_KEY])
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None  # a record is written atomically; an unreadable one is treated as never written
+
+
+def recorded_value(candidates_dir: str | os.PathLike, index: int) -> np.ndarray | None:
+    """The value of suggestion `index` if an evaluation of it was recorded (e.g. by a driver that was then
+    killed before Ray saved its state), else None."""
+    for record in sorted(Path(candidates_dir).glob(f"{index:06d}-*{RECORD_SUFFIX}")):
+        return _load_value(record.with_name(record.name.removesuffix(RECORD_SUFFIX) + ".npy"))
+    return None

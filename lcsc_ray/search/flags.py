@@ -1,0 +1,152 @@
+"""The flags of `lcsc-tune-cm` / `lcsc-tune-dm` (launch/tune_*.py), whose defaults come from a preset.
+
+`--preset` is read first and its values become the parser's defaults (`set_defaults`) before the real
+parse, so `--help` shows what a run will use and an explicit flag still wins. Every flag has a built-in
+default of its own, which a preset that leaves the key out falls back to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+from lcsc_ray.errors import LcscError
+from lcsc_ray.sampling import DEFAULT_SAMPLER
+from lcsc_ray.stack import STORAGE_DTYPES
+from search_spaces import DEFAULT_BOUND, load_preset
+from search_spaces.preset import METADATA_KEYS
+
+HELDOUT_SEED_OFFSET = 1_000_003  # held-out noise seed = search noise seed + this (any fixed, distinct value)
+
+
+def _comma_list(convert: Callable[[str], Any], name: str) -> Callable[[str], list]:
+    """An argparse `type` for comma-separated values; `name` is what argparse's error calls it."""
+    def parse(text: str) -> list:
+        return [convert(part) for part in text.split(",") if part.strip()]
+    parse.__name__ = name
+    return parse
+
+
+int_list = _comma_list(int, "comma-separated integer")
+float_list = _comma_list(float, "comma-separated number")
+
+
+def build_parser(kind: str) -> argparse.ArgumentParser:
+    """Every tune flag with its built-in default (the paper's settings where it has one)."""
+    model = "consistency model" if kind == "cm" else "diffusion model"
+    parser = argparse.ArgumentParser(
+        description=f"LCSC: search coefficients that linearly combine the saved checkpoints of one {model} "
+        "training run so the merged model scores a lower Fréchet distance; Nevergrad optimizers on Ray Tune. "
+        f"With no arguments: trains the embedded digits {kind.upper()} demo run on first use and searches it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = parser.add_argument_group("what to search")
+    g.add_argument("--preset", default=f"digits-{kind}", help="bundled preset name or a preset .json file; its "
+                   "values are the defaults shown here (pass --preset before --help to see another preset's)")
+    g.add_argument("--ckpt-dir", help="training run folder (with run.json and checkpoints/) or a folder of "
+                   "checkpoints whose run.json is in it or its parent; default: the embedded demo run (trained on first use). "
+                   "On a cluster it must be a path every node sees (shared storage), or use --stack-via-object-store")
+    g.add_argument("--ckpt-pattern", help="regex matched against whole checkpoint names with one group capturing the "
+                   "step; default: the last number in the name")
+    g.add_argument("--ckpt-key", help="sub-dict of .pt checkpoints holding the state dict (model, ema, ...)")
+    g.add_argument("--window", type=int, help="only checkpoints from the last WINDOW training iterations; default: all")
+    g.add_argument("--interval", type=int, default=1, help="keep every INTERVAL-th saved checkpoint")
+    g.add_argument("--max-checkpoints", type=int, help="keep at most this many (the newest)")
+    g.add_argument("--exclude-steps", type=int_list, default=[], help="training steps to drop from the selected "
+                   "checkpoints, comma separated (e.g. a checkpoint with NaN weights)")
+    g.add_argument("--strip-key-prefix", help="remove this prefix from every checkpoint key (e.g. 'module.' from "
+                   "DDP runs)")
+    g.add_argument("--stack-dtype", choices=sorted(STORAGE_DTYPES), default="float32",
+                   help="storage dtype of the stack (16-bit ones store differences from the newest checkpoint)")
+    g.add_argument("--stack-via-object-store", action="store_true",
+                   help="load the stack once in the driver and ship it to workers through Ray's object store")
+    g = parser.add_argument_group("how to score")
+    g.add_argument("--extractor", default="inception", help="feature extractor: 'inception' (FID) or 'digits' (fd_digits)")
+    g.add_argument("--inception-weights", help="path of pt_inception-2015-12-05-6726825d.pth for FID; default: "
+                   "torch hub cache, else download")
+    g.add_argument("--ref-stats", help="reference statistics .npz (pytorch-fid format); default: computed "
+                   "from the run's training data and cached")
+    g.add_argument("--sampler", default=DEFAULT_SAMPLER[kind], help="CM: onestep | multistep; DM: dpmsolver++ | ddim | heun")
+    g.add_argument("--nfe", type=int, help="network evaluations per sample; default: the sampler's own")
+    g.add_argument("--grid-steps", type=int, help="points of the Karras σ grid (CM multistep: 18 unless --nfe "
+                   "says otherwise; DM: the solver's steps)")
+    g.add_argument("--ts", type=int_list, help="CM multistep grid indices, e.g. 0,10,17")
+    g.add_argument("--order", type=int, help="DM dpmsolver++: solver order 1, 2 or 3; default 3")
+    g.add_argument("--fid-samples", type=int, default=5000, help="samples per search evaluation (fixed search noise)")
+    g.add_argument("--final-samples", type=int, default=50000,
+                   help="samples per held-out evaluation of finalists and baselines")
+    g.add_argument("--batch-size", type=int, default=500, help="sampling/feature batch size")
+    g.add_argument("--noise-seed", type=int, default=0, help="seed of the fixed search noise; held-out noise "
+                   f"uses this + {HELDOUT_SEED_OFFSET}")
+    g = parser.add_argument_group("how to search")
+    g.add_argument("--num-trials", type=int, default=2000, help="search budget: evaluated candidates, baselines included")
+    g.add_argument("--optimizer", default="lcsc-es",
+                   help="'lcsc-es' (the paper's evolutionary search) or any Nevergrad optimizer name")
+    g.add_argument("--space", default="affine", help="coefficient space: full | affine | grouped:G")
+    g.add_argument("--bound", type=float, default=DEFAULT_BOUND, help="coefficients are searched in [-bound, bound]")
+    g.add_argument("--sigma", type=float, help="mutation scale of the searched value per coordinate "
+                   "(default 1/sqrt(dimension): one mutation moves α by about 1 in Euclidean norm); smaller "
+                   "values search closer to the baselines")
+    g.add_argument("--ema", type=float_list, default=[0.999, 0.9995, 0.9999],
+                   help="EMA decays (per training iteration) used as baselines, comma separated; pick rates whose "
+                   "half-life fits inside the checkpoint window")
+    g.add_argument("--phema", type=float_list, default=[],
+                   help="widths σ_rel of EDM2 power-function (post-hoc) EMAs used as baselines, comma separated "
+                   "(e.g. 0.05,0.1; a fraction of the training time); empty string for none")
+    g.add_argument("--top-k", type=int, default=5, help="search finalists re-scored on held-out noise")
+    g.add_argument("--seed", type=int, default=0, help="optimizer seed")
+    g = parser.add_argument_group("where and on what")
+    g.add_argument("--storage", default="lcsc_results", help="Ray Tune storage folder (shared storage on a cluster)")
+    g.add_argument("--name", help="experiment name; default: lcsc-<kind>-<date-time>, or the newest one with --resume")
+    g.add_argument("--out", help="folder for results.json, plots and the merged checkpoint; "
+                   "default: <storage>/<name>/final")
+    g.add_argument("--resume", action="store_true", help="continue the experiment --name in --storage")
+    g.add_argument("--address", help="existing Ray cluster ('auto' or host:port); default: start a local one")
+    g.add_argument("--cpus-per-trial", type=float, default=1, help="Ray CPUs reserved per trial; also the trial's "
+                   "torch threads (what --threads is for the single-process commands)")
+    g.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial (fractional packs trials onto a GPU)")
+    g.add_argument("--max-concurrent", type=int, default=1,
+                   help="trials running at once (raise it with more cores or GPUs; on 2 CPU cores a second "
+                   "concurrent trial measured no faster, see benchmarks/trial_overhead.py)")
+    g.add_argument("--max-failures", type=int, default=2, help="retries of a trial whose process or node died")
+    g.add_argument("--device", default="auto", help="torch device for trials: auto (a visible GPU, else the CPU), "
+                   "cpu, cuda or cuda:N")
+    g.add_argument("--dashboard-host", default="127.0.0.1", help="Ray dashboard bind address (no authentication: "
+                   "keep loopback unless you know who can reach it)")
+    g.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port")
+    g.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
+    g.add_argument("--quiet", action="store_true", help="less console output")
+    return parser
+
+
+def preset_defaults(preset: dict[str, Any], parser: argparse.ArgumentParser, kind: str) -> dict[str, Any]:
+    """The preset's flag values keyed by dest, after checking it was written for `kind` and names only flags."""
+    name = preset["preset"]
+    if preset["kind"] != kind:
+        raise LcscError(f"--preset {name} is for tune_{preset['kind']}, not tune_{kind}; use a {kind} preset "
+                        f"(e.g. digits-{kind})")
+    dests = set(vars(parser.parse_args([]))) - {"preset"}  # every flag's dest, through the public API
+    values = {key.replace("-", "_"): value for key, value in preset.items() if key not in METADATA_KEYS}
+    unknown = sorted(set(values) - dests)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], dests, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise LcscError(f"--preset {name}: unknown key(s) {', '.join(unknown)}{hint}; keys are tune flags in dest "
+                        f"form (fid_samples for --fid-samples) or one of {', '.join(sorted(METADATA_KEYS))}")
+    return values
+
+
+def parse_args(argv: list[str] | None, kind: str) -> argparse.Namespace:
+    """Parse the tune flags of `kind`: `--preset` first, its values as defaults, then everything else."""
+    parser = build_parser(kind)
+    preparser = argparse.ArgumentParser(add_help=False)
+    preparser.add_argument("--preset", default=parser.get_default("preset"))
+    preset = load_preset(preparser.parse_known_args(argv)[0].preset)
+    values = preset_defaults(preset, parser, kind)
+    builtin = ", ".join(f"{key}={parser.get_default(key)}" for key in sorted(values))
+    parser.epilog = (f"Preset {preset['preset']} sets the defaults of {len(values)} flags above; a preset that leaves "
+                     f"one out gets its built-in default: {builtin}.")
+    parser.set_defaults(**values)
+    return parser.parse_args(argv)

@@ -1,0 +1,67 @@
+"""Every private Ray Tune API and file format this project relies on, in one place.
+
+Each function here leans on something Ray does not promise to keep (an attribute with a leading underscore,
+the layout of a file Tune writes, an environment switch). They were written against Ray `RAY_VERSION`;
+`check_ray_version` says so in one line when another version is installed, and tests/test_ray_compat.py
+checks each behaviour, so a Ray upgrade breaks here and in that test, not all over the code.
+See docs/RAY_NEVERGRAD.md for why each one is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any, TypeVar
+
+import ray
+from ray import tune
+
+RAY_VERSION = "2.60.0"
+_Searcher = TypeVar("_Searcher")
+
+
+def check_ray_version() -> bool:
+    """True when the installed Ray is the one this module was written for; otherwise say so once, on stderr."""
+    if ray.__version__ == RAY_VERSION:
+        return True
+    print(f"note: lcsc-ray was tested with Ray {RAY_VERSION}, this is Ray {ray.__version__}; if a search misbehaves, "
+          f"install ray[default,tune]=={RAY_VERSION}", file=sys.stderr)
+    return False
+
+
+def run_config_of(tuner: tune.Tuner) -> tune.RunConfig:
+    """The run config a (fresh or restored) Tuner will use; a restored Tuner's comes from its tuner.pkl, so
+    callbacks must be set on this object rather than passed in."""
+    return tuner._local_tuner.get_run_config()
+
+
+def config_of_result(result: dict[str, Any]) -> dict[str, Any]:
+    """The trial config from a result Tune hands the searcher: nested under "config", or flattened into
+    "config/<key>" entries when Tune stopped the trial itself."""
+    if isinstance(result.get("config"), dict):
+        return result["config"]
+    return {key.removeprefix("config/"): value for key, value in result.items() if key.startswith("config/")}
+
+
+def restore_searcher(cls: type[_Searcher], experiment_path: str | os.PathLike) -> _Searcher:
+    """An instance of searcher class `cls` as last saved in an experiment folder, without running its
+    constructor (the state file holds every attribute; the constructor needs an optimizer we do not have)."""
+    searcher = cls.__new__(cls)
+    searcher.restore_from_dir(os.fspath(experiment_path))
+    return searcher
+
+
+def allow_results_without_metric() -> None:
+    """Let a trial report a result without the search metric (an input error) instead of making Tune raise in
+    the driver; the searcher never tells such a result to the optimizer."""
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+
+
+def interrupt_tune_run() -> None:
+    """End the running Tune loop as a first Ctrl+C would: Tune handles SIGUSR1 in the driver's main thread by
+    leaving its loop, saving the experiment state once more and returning."""
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGUSR1)):
+        raise RuntimeError("the search must run in the main thread of the driver (Tune handles SIGUSR1 there)")
+    os.kill(os.getpid(), signal.SIGUSR1)

@@ -1,0 +1,116 @@
+"""One flag vocabulary: every `--flag` the code names exists in a command, and presets are parser defaults."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from lcsc_ray.errors import LcscError
+from lcsc_ray.search.flags import parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_SCRIPTS = sorted((REPO / "launch").glob("*.py"))
+SOURCE_DIRS = ("lcsc_ray", "search_spaces", "launch")
+FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+OPTION_LINE = re.compile(r"^ {2}(?:-\w, )?--([a-z][a-z0-9-]*)", re.MULTILINE)  # where --help defines a flag
+# Flags of other tools that our text names on purpose.
+FOREIGN_FLAGS = {"--save-stats": "python -m pytorch_fid --save-stats"}
+
+
+@pytest.fixture(scope="module")
+def cli_flags() -> dict[str, set[str]]:
+    """flag -> the launch scripts whose `--help` lists it (each script run as a user would run it)."""
+    found: dict[str, set[str]] = {}
+    for script in LAUNCH_SCRIPTS:
+        proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300,
+                              cwd=REPO)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr
+        for flag in OPTION_LINE.findall(proc.stdout):
+            found.setdefault(f"--{flag}", set()).add(script.name)
+    return found
+
+
+def _flags_in_strings(path: Path) -> set[str]:
+    """`--flag` tokens inside the string literals (f-string parts, docstrings, messages) of one module."""
+    flags = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            flags.update(f"--{flag}" for flag in FLAG.findall(node.value))
+    return flags
+
+
+def test_every_flag_the_code_names_exists(cli_flags):
+    named = {path.relative_to(REPO): _flags_in_strings(path)
+             for folder in SOURCE_DIRS for path in sorted((REPO / folder).rglob("*.py"))}
+    assert any(named.values())
+    missing = {f"{path}: {flag}" for path, flags in named.items() for flag in flags
+               if flag not in cli_flags and flag not in FOREIGN_FLAGS}
+    assert not missing, f"flags named in the source that no command has: {sorted(missing)}"
+
+
+def test_shared_meanings_use_one_name(cli_flags):
+    """Where results go is --out, the device is --device, torch threads are --threads in every command that has
+    them; the tune commands' grid size is --grid-steps, so --steps only ever counts training updates."""
+    assert cli_flags["--out"] == {path.name for path in LAUNCH_SCRIPTS}
+    assert "--output" not in cli_flags
+    assert cli_flags["--device"] == {path.name for path in LAUNCH_SCRIPTS}
+    assert cli_flags["--steps"] == {"train_cm.py", "train_dm.py"}
+    assert cli_flags["--grid-steps"] == {"tune_cm.py", "tune_dm.py"}
+    assert cli_flags["--threads"] == {"train_cm.py", "train_dm.py", "fid_stats.py", "merge_checkpoints.py"}
+    assert cli_flags["--cpus-per-trial"] == {"tune_cm.py", "tune_dm.py"}
+
+
+def test_console_scripts_are_the_launch_scripts():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    targets = set()
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+        targets.add(function)
+    for script in LAUNCH_SCRIPTS:  # each launch script calls one console-script function and nothing else
+        calls = {node.func.id for node in ast.walk(ast.parse(script.read_text())) if isinstance(node, ast.Call)}
+        assert len(calls) == 1 and calls <= targets, script.name
+
+
+def _preset(tmp_path: Path, **values) -> str:
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"preset": "mine", "kind": "cm", **values}))
+    return str(path)
+
+
+def test_preset_values_are_the_defaults_help_shows(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "cifar10-cm", "--help"], "cm")
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "samples per search evaluation (fixed search noise) (default: 5000)" in shown
+    assert "(default: [0, 10, 17])" in shown and "Preset cifar10-cm sets the defaults" in shown
+    args = parse_args(["--preset", "cifar10-cm", "--fid-samples", "7"], "cm")
+    assert (args.fid_samples, args.final_samples, args.grid_steps, args.window) == (7, 50000, 18, 40000)
+
+
+def test_preset_keys_with_argparse_defaults_are_honoured_and_missing_keys_fall_back(tmp_path):
+    preset = _preset(tmp_path, batch_size=7, seed=3, device="cpu", ema="0.9,0.99", exclude_steps=[5])
+    args = parse_args(["--preset", preset], "cm")
+    assert (args.batch_size, args.seed, args.device, args.ema, args.exclude_steps) == (7, 3, "cpu", [0.9, 0.99], [5])
+    builtin = parse_args(["--preset", _preset(tmp_path)], "cm")  # no ema, num_trials, ...: the built-in defaults
+    assert (builtin.ema, builtin.phema, builtin.num_trials, builtin.sampler) == ([0.999, 0.9995, 0.9999], [], 2000,
+                                                                                  "onestep")
+    assert parse_args(["--preset", preset, "--seed", "9", "--exclude-steps", "10,20"], "cm").exclude_steps == [10, 20]
+
+
+@pytest.mark.parametrize("values,kind,message", [
+    ({"fid_sample": 3}, "cm", r"unknown key\(s\) fid_sample \(did you mean fid_samples\?\)"),
+    ({}, "dm", "--preset mine is for tune_cm, not tune_dm"),
+])
+def test_preset_errors_are_one_line(tmp_path, values, kind, message):
+    with pytest.raises(LcscError, match=message) as error:
+        parse_args(["--preset", _preset(tmp_path, **values)], kind)
+    assert "\n" not in str(error.value)

@@ -1,0 +1,98 @@
+"""One test per private Ray behaviour `lcsc_ray/search/ray_compat.py` relies on, against the installed Ray, so an
+upgrade that changes one of them fails here by name."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import ray
+from ray import cloudpickle
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.utils import flatten_dict
+
+from lcsc_ray.search import ray_compat
+from lcsc_ray.search.candidates import CANDIDATE_KEY, INDEX_KEY, LABEL_KEY
+from lcsc_ray.search.optimizers import build_optimizer
+from lcsc_ray.search.searcher import LcscNevergradSearch
+from search_spaces.spaces import build_space
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+class _Steps(tune.Trainable):
+    """Reports a result without the metric first (as an input error does), then the metric, then stops."""
+
+    def step(self) -> dict:
+        if self.iteration == 0:
+            return {"note": "no metric in this result"}
+        return {"score": float(self.config["x"]), "done": True}
+
+
+class _StopOnFirstResult(tune.Callback):
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        ray_compat.interrupt_tune_run()
+
+
+def test_version_check_names_the_tested_version(capsys, monkeypatch):
+    assert ray_compat.check_ray_version() is (ray.__version__ == ray_compat.RAY_VERSION)
+    monkeypatch.setattr(ray, "__version__", "9.9.9")
+    assert ray_compat.check_ray_version() is False
+    err = capsys.readouterr().err
+    assert f"tested with Ray {ray_compat.RAY_VERSION}, this is Ray 9.9.9" in err and len(err.strip().splitlines()) == 1
+
+
+def test_config_of_result_reads_nested_and_flattened_results():
+    config = {CANDIDATE_KEY: "/x/000003-ab.npy", LABEL_KEY: "search", INDEX_KEY: 3}
+    result = {"score": 1.0, "config": config}
+    assert ray_compat.config_of_result(result) == config
+    assert ray_compat.config_of_result(flatten_dict(result, delimiter="/")) == config
+
+
+def test_restore_searcher_brings_back_the_saved_attributes(tmp_path):
+    space = build_space("affine", 3)
+    optimizer = build_optimizer("CMA", space.parametrization(), budget=10, num_workers=1, seed=0)
+    searcher = LcscNevergradSearch(optimizer, experiment_dir=tmp_path, metric="score", mode="min")
+    searcher.told.append((0, "search", 1.5))
+    searcher.save_to_dir(str(tmp_path))
+    restored = ray_compat.restore_searcher(LcscNevergradSearch, tmp_path)
+    assert type(restored) is LcscNevergradSearch and restored.told == [(0, "search", 1.5)]
+    assert restored.optimizer.dimension == optimizer.dimension
+
+
+def test_run_config_of_a_fresh_and_a_restored_tuner(local_ray, tmp_path):
+    tuner = tune.Tuner(_Steps, param_space={"x": tune.grid_search([1.0])},
+                       tune_config=tune.TuneConfig(metric="score", mode="min"),
+                       run_config=tune.RunConfig(name="compat", storage_path=str(tmp_path), verbose=0))
+    assert ray_compat.run_config_of(tuner).name == "compat"
+    ray_compat.allow_results_without_metric()  # the first result has no "score": Tune would raise without this
+    grid = tuner.fit()
+    assert [result.metrics["score"] for result in grid] == [1.0]
+    restored = tune.Tuner.restore(str(tmp_path / "compat"), _Steps)
+    assert ray_compat.run_config_of(restored).name == "compat"
+
+
+def test_interrupt_tune_run_ends_the_loop_with_the_trials_unfinished(local_ray, tmp_path):
+    ray_compat.allow_results_without_metric()
+    seen = []
+
+    class Count(tune.Callback):
+        def on_experiment_end(self, trials, **info) -> None:
+            # Tune marks the trials it stops at the end TERMINATED too; only a final score tells they finished.
+            seen.extend(trial.status == Trial.TERMINATED and "score" in trial.last_result for trial in trials)
+
+    tuner = tune.Tuner(_Steps, param_space={"x": tune.grid_search(list(np.arange(4.0)))},
+                       tune_config=tune.TuneConfig(metric="score", mode="min"),
+                       run_config=tune.RunConfig(name="stop", storage_path=str(tmp_path), verbose=0,
+                                                 callbacks=[_StopOnFirstResult(), Count()]))
+    tuner.fit()  # returns normally: only the trial states tell that the run was stopped
+    assert seen and sum(seen) < 4
+    assert tune.Tuner.can_restore(str(tmp_path / "stop"))
