@@ -147,3 +147,12 @@ def test_run_json_without_data_asks_for_ref_stats(run_copy, tmp_path):
     _edit_run_json(run_copy, lambda c: c.pop("data"))
     line = _refused(run_copy, tmp_path)
     assert "names no training 'data'" in line and "pass --ref-stats FILE.npz" in line
+
+
+def test_relative_storage_inside_a_ray_job_is_refused(tmp_path, tiny_cm_run):
+    log = tmp_path / "job.log"
+    code = run_driver(["--ckpt-dir", str(tiny_cm_run), "--storage", "relative_results", "--no-dashboard", *FAST], log,
+                      env=driver_env(RAY_JOB_CONFIG_JSON_ENV_VAR="{}"), timeout=180)
+    assert code == 2, log.read_text()[-3000:]
+    assert last_line(log).startswith("error: --storage relative_results is a relative path, and this search runs "
+                                     "as a Ray Job")

@@ -3,7 +3,9 @@ upgrade that changes one of them fails here by name."""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,16 +16,17 @@ from ray.tune.experiment import Trial
 from ray.tune.utils import flatten_dict
 
 from lcsc_ray.search import ray_compat
-from lcsc_ray.search.candidates import CANDIDATE_KEY, INDEX_KEY, LABEL_KEY
+from lcsc_ray.search.candidates import CANDIDATE_KEY, INDEX_KEY, LABEL_KEY, decode_candidate
 from lcsc_ray.search.optimizers import build_optimizer
 from lcsc_ray.search.searcher import LcscNevergradSearch
+from lcsc_ray.search.tuner import run_search
 from search_spaces.spaces import build_space
 
 
 @pytest.fixture(scope="module")
 def local_ray():
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -96,3 +99,26 @@ def test_interrupt_tune_run_ends_the_loop_with_the_trials_unfinished(local_ray, 
     tuner.fit()  # returns normally: only the trial states tell that the run was stopped
     assert seen and sum(seen) < 4
     assert tune.Tuner.can_restore(str(tmp_path / "stop"))
+
+
+def _pid_trainable(config: dict) -> None:
+    time.sleep(0.2)  # a trial's work: long enough for a second trial to start beside it
+    tune.report({"score": float(np.sum(decode_candidate(config)[0] ** 2)), "worker_pid": os.getpid()})
+
+
+def test_allow_pending_trials_lets_max_concurrent_trials_run_in_as_many_actors(local_ray, tmp_path):
+    space = build_space("affine", 3)
+    table = run_search(_pid_trainable, space, optimizer="CMA", num_trials=12, seed=0, storage=tmp_path, name="two",
+                       max_concurrent=2, resources={"cpu": 1}, progress=False)
+    assert len(table.rows) == 12 and len({row.metrics["worker_pid"] for row in table.rows}) == 2
+    assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "2"
+
+
+def test_in_ray_job_reads_the_variable_the_job_supervisor_sets(monkeypatch):
+    from ray.dashboard.modules.job import job_supervisor
+
+    assert job_supervisor.RAY_JOB_CONFIG_JSON_ENV_VAR == "RAY_JOB_CONFIG_JSON_ENV_VAR"
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert not ray_compat.in_ray_job()
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert ray_compat.in_ray_job()

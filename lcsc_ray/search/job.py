@@ -29,6 +29,7 @@ from lcsc_ray.preflight import preflight
 from lcsc_ray.run_folder import RUN_JSON, RunInfo, load_run
 from lcsc_ray.scoring import ScoringSpec, cached_scorer, load_stack
 from lcsc_ray.search.flags import HELDOUT_SEED_OFFSET, parse_args
+from lcsc_ray.search.ray_compat import in_ray_job
 from lcsc_ray.search.monitor import PROGRESS_PLOT, PROGRESS_PLOT_EVERY_S
 from lcsc_ray.search.report import (ScoredCandidate, format_table, plot_best_so_far, plot_coefficients,
                                     write_results)
@@ -74,6 +75,18 @@ def reference_stats_path(args: argparse.Namespace, run: RunInfo) -> Path:
                         "pass --ref-stats FILE.npz (see launch/fid_stats.py) or add \"data\" to run.json")
     return ensure_reference_stats(run.config["data"], args.extractor, device=args.device,
                                   inception_weights=args.inception_weights)
+
+
+def check_paths_in_ray_job(args: argparse.Namespace) -> None:
+    """Inside `ray job submit` the working directory is Ray's temporary copy of the code, so a relative path
+    would put results where nobody finds them (or read inputs from the copy): ask for absolute ones."""
+    if not in_ray_job():
+        return
+    for flag, value in (("--storage", args.storage), ("--ckpt-dir", args.ckpt_dir), ("--out", args.out),
+                        ("--ref-stats", args.ref_stats), ("--inception-weights", args.inception_weights)):
+        if value and not Path(value).expanduser().is_absolute():
+            raise LcscError(f"{flag} {value} is a relative path, and this search runs as a Ray Job, whose working "
+                            "directory is a temporary copy of the code; give an absolute path on storage every node sees")
 
 
 def resume_command(argv: list[str] | None, kind: str, name: str, storage: Path) -> str:
@@ -152,6 +165,7 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
         batch_size=args.batch_size, device=args.device, threads=max(1, int(args.cpus_per_trial)),
     )
 
+    check_paths_in_ray_job(args)
     storage = Path(args.storage).expanduser().resolve()
     name = experiment_name(args, kind, storage)
     check_experiment(storage, name, resume=args.resume)  # before Ray starts: fail fast, never overwrite

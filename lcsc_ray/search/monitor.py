@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ray import tune
 from ray.tune.experiment import Trial
+from ray.tune.result import AUTO_RESULT_KEYS
 from ray.util import metrics
 
 from lcsc_ray.search.candidates import BASELINE_PREFIX, INDEX_KEY, LABEL_KEY
@@ -62,19 +63,21 @@ class SearchMonitor(tune.Callback):
                 "input_error": None, "unfinished": None, "completed": 0, "_last_plot": float("-inf"),
                 "_plotter": None}
 
-    def metrics(self) -> tuple[metrics.Gauge, metrics.Gauge, metrics.Histogram]:
-        """(best score gauge, completed trials gauge, stage seconds histogram), created on first use."""
+    def metrics(self) -> tuple[metrics.Gauge, metrics.Gauge, metrics.Gauge, metrics.Histogram]:
+        """(best score, completed trials, failed trials gauges; stage seconds histogram), created on first use."""
         if self._metrics is None:
             tags = {"experiment": self.experiment}
             best = metrics.Gauge("lcsc_best_score", "best search score so far (lower is better)",
                                  tag_keys=("experiment",))
             completed = metrics.Gauge("lcsc_trials_completed", "completed trials of the search",
                                       tag_keys=("experiment",))
+            failed = metrics.Gauge("lcsc_trials_failed", "completed trials whose candidate failed (penalised)",
+                                   tag_keys=("experiment",))
             stage = metrics.Histogram("lcsc_trial_stage_seconds", "seconds per trial by stage",
                                       boundaries=STAGE_BUCKETS, tag_keys=("experiment", "stage"))
-            for metric in (best, completed, stage):
+            for metric in (best, completed, failed, stage):
                 metric.set_default_tags(tags)
-            self._metrics = (best, completed, stage)
+            self._metrics = (best, completed, failed, stage)
         return self._metrics
 
     def progress(self, trials: list[Trial], completing: Trial | None = None) -> tuple[int, float | None, float | None]:
@@ -128,12 +131,13 @@ class SearchMonitor(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         done, best, eta = self.progress(trials, completing=trial)
         self.plot_progress(trials, completing=trial)
-        best_gauge, completed_gauge, stage_histogram = self.metrics()
+        best_gauge, completed_gauge, failed_gauge, stage_histogram = self.metrics()
         completed_gauge.set(done)
+        failed_gauge.set(sum(bool(t.last_result.get("failed")) for t in self._done(trials, trial)))
         if best is not None:
             best_gauge.set(best)
         for key, value in (trial.last_result or {}).items():
-            if key.startswith("time_"):
+            if key.startswith("time_") and key not in AUTO_RESULT_KEYS:  # our stages, not Tune's clocks
                 stage_histogram.observe(float(value), tags={"stage": key[5:]})
         now = time.monotonic()
         if self.echo and (now - self._last_print >= self.print_every_s or done >= self.num_trials):

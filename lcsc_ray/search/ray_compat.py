@@ -59,6 +59,20 @@ def allow_results_without_metric() -> None:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
 
+def allow_pending_trials(count: int) -> None:
+    """Let Tune keep `count` trials pending at once. For a searcher that is not wrapped in a
+    ConcurrencyLimiter Tune allows one, so a trial waiting for its actor takes the first actor that frees up
+    and `--max-concurrent 2` ran every trial in one actor, one at a time."""
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(1, int(count)))
+
+
+def in_ray_job() -> bool:
+    """True in the driver of a job started with `ray job submit` (its supervisor sets this variable)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    return RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ
+
+
 def interrupt_tune_run() -> None:
     """End the running Tune loop as a first Ctrl+C would: Tune handles SIGUSR1 in the driver's main thread by
     leaving its loop, saving the experiment state once more and returning."""

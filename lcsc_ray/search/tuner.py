@@ -37,8 +37,8 @@ from lcsc_ray.errors import LcscError, SearchInterrupted
 from lcsc_ray.search.candidates import INDEX_KEY, decode_candidate
 from lcsc_ray.search.monitor import SearchMonitor
 from lcsc_ray.search.optimizers import build_optimizer, resolve_optimizer_name
-from lcsc_ray.search.ray_compat import (allow_results_without_metric, check_ray_version, interrupt_tune_run,
-                                        run_config_of)
+from lcsc_ray.search.ray_compat import (allow_pending_trials, allow_results_without_metric, check_ray_version,
+                                        interrupt_tune_run, run_config_of)
 from lcsc_ray.search.searcher import LcscNevergradSearch, load_searcher
 from search_spaces.spaces import CoefficientSpace
 
@@ -154,6 +154,7 @@ def run_search(
     manifest = check_experiment(storage, name, resume=resume)
     check_ray_version()
     allow_results_without_metric()
+    allow_pending_trials(max_concurrent)
     resume_hint = resume_hint or f"--resume --name {name} --storage {exp_dir.parent}"
     wrapped = _actor_named(tune.with_resources(trainable, resources) if resources else trainable)
     if manifest is not None:
