@@ -253,28 +253,33 @@ def _fit(tuner: tune.Tuner, name: str, num_trials: int, metric: str, penalty: fl
 @contextlib.contextmanager
 def _stop_signals() -> Iterator[None]:
     """Make SIGTERM (cluster schedulers, `ray job stop`) stop the search like a first Ctrl+C, and a second
-    stop signal of either kind exit at once.
+    stop signal of either kind exit at once, also while the stopped driver shuts down.
 
     Tune handles the first SIGINT itself (leave the loop, save the state) and then puts back the handler it
     found, which is the one installed here; SIGTERM is turned into Tune's SIGUSR1, which it handles the same
     way. The saved state stays resumable when the second signal exits without waiting."""
     received = []
 
+    def exit_now(signum: int, frame: Any) -> None:
+        print("\nsecond stop signal: exiting now; the last saved state of the search is kept (--resume)",
+              file=sys.stderr, flush=True)
+        os._exit(130)
+
     def handle(signum: int, frame: Any) -> None:
         received.append(signum)
         if signum == signal.SIGTERM and len(received) == 1:
             interrupt_tune_run()
             return
-        print("\nsecond stop signal: exiting now; the last saved state of the search is kept (--resume)",
-              file=sys.stderr, flush=True)
-        os._exit(130)
+        exit_now(signum, frame)
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
+        # Tune puts our handler back only after it handled a stop signal; then the run is stopping for good.
+        stopped = bool(received) or signal.getsignal(signal.SIGINT) is handle
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, exit_now if stopped else handler)
 
 
 def _attach_monitor(tuner: tune.Tuner, name: str, num_trials: int, metric: str, penalty: float,
