@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import ray
@@ -102,7 +104,15 @@ def test_interrupt_tune_run_ends_the_loop_with_the_trials_unfinished(local_ray, 
 
 
 def _pid_trainable(config: dict) -> None:
-    time.sleep(0.2)  # a trial's work: long enough for a second trial to start beside it
+    """A worker's first trial waits (up to a minute) until a trial has started in a second worker process, then
+    it reports its pid: with concurrency working this passes at once; without it the lone actor waits once."""
+    experiment = Path(config[CANDIDATE_KEY]).parent.parent
+    marker = experiment / f"running-{os.getpid()}"
+    if not marker.exists():
+        marker.touch()
+        deadline = time.monotonic() + 60
+        while len(list(experiment.glob("running-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
     tune.report({"score": float(np.sum(decode_candidate(config)[0] ** 2)), "worker_pid": os.getpid()})
 
 
