@@ -123,11 +123,10 @@ def preflight(spec: ScoringSpec, run: RunInfo, *, device: str | torch.device = "
     run_json = str(run.run_dir / RUN_JSON)
     device = torch.device(device)
     net, sampler, evaluator = build_pipeline(spec, run, device)
-    newest = None
-    for file in (files[0], files[-1]):
-        newest = load_checkpoint(file, spec.ckpt_key, spec.strip_key_prefix)
-        check_strict_load(net, newest, file, run_json)
-    net.load_state_dict(newest.state_dict, strict=True)
+    for file in (files[0], files[-1]):  # the newest last: its weights stay loaded for the sample check
+        loaded = load_checkpoint(file, spec.ckpt_key, spec.strip_key_prefix)
+        check_strict_load(net, loaded, file, run_json)
+    net.load_state_dict(loaded.state_dict, strict=True)
     try:
         images = sampler.sample(net, FixedNoise(PREFLIGHT_SEED, run.image_shape), 0, PREFLIGHT_SAMPLES)
     except (RuntimeError, ValueError) as error:
@@ -147,6 +146,6 @@ def preflight(spec: ScoringSpec, run: RunInfo, *, device: str | torch.device = "
                         f"{bool(torch.isfinite(features).all())}) for the newest checkpoint's samples, the reference "
                         f"statistics {spec.reference_stats} have dimension {evaluator.reference.dim}; check --extractor "
                         "and --ref-stats")
-    num_params = sum(t.numel() for t in newest.state_dict.values() if t.is_floating_point())
+    num_params = sum(t.numel() for t in loaded.state_dict.values() if t.is_floating_point())
     return PreflightReport(len(files), num_params, tuple(images.shape), int(features.shape[1]),
                            time.perf_counter() - started)

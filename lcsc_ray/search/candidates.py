@@ -105,9 +105,11 @@ def load_record(config: dict) -> dict[str, Any] | None:
         return None  # a record is written atomically; an unreadable one is treated as never written
 
 
-def recorded_value(candidates_dir: str | os.PathLike, index: int) -> np.ndarray | None:
-    """The value of suggestion `index` if an evaluation of it was recorded (e.g. by a driver that was then
-    killed before Ray saved its state), else None."""
-    for record in sorted(Path(candidates_dir).glob(f"{index:06d}-*{RECORD_SUFFIX}")):
-        return _load_value(record.with_name(record.name.removesuffix(RECORD_SUFFIX) + ".npy"))
-    return None
+def recorded_values(candidates_dir: str | os.PathLike) -> dict[int, np.ndarray]:
+    """Suggestion index -> value of every candidate whose evaluation was recorded (e.g. by a driver that was
+    then killed before Ray saved its state)."""
+    values = {}
+    for record in sorted(Path(candidates_dir).glob(f"*{RECORD_SUFFIX}")):
+        index = int(record.name.split("-", 1)[0])
+        values.setdefault(index, _load_value(record.with_name(record.name.removesuffix(RECORD_SUFFIX) + ".npy")))
+    return values

@@ -141,6 +141,7 @@ def _export(spec: ScoringSpec, payload: dict | None, alpha: np.ndarray, out_path
 def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
     """Run the whole LCSC job for a CM (`kind="cm"`) or DM run; returns what results.json holds."""
     args = parse_args(argv, kind)
+    check_paths_in_ray_job(args)  # before any path is resolved against the job's temporary working directory
     started = time.perf_counter()
 
     run_dir, ckpt_dir = resolve_run_dir(args, kind)
@@ -165,7 +166,6 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
         batch_size=args.batch_size, device=args.device, threads=max(1, int(args.cpus_per_trial)),
     )
 
-    check_paths_in_ray_job(args)
     storage = Path(args.storage).expanduser().resolve()
     name = experiment_name(args, kind, storage)
     check_experiment(storage, name, resume=args.resume)  # before Ray starts: fail fast, never overwrite
@@ -198,7 +198,9 @@ def finish(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace
     """After the search: held-out re-scoring of the finalists and every baseline (the best of many noisy
     evaluations is biased low: docs/METHOD.md, Held-out re-scoring), the table, the export, results and plots."""
     started = time.perf_counter()
-    candidates = [ScoredCandidate(name, "baseline", alpha, _search_score(table, name)) for name, alpha in baselines.items()]
+    searched_baselines = {name: row.score for name, row in table.baselines().items()}
+    candidates = [ScoredCandidate(name, "baseline", alpha, searched_baselines.get(name))
+                  for name, alpha in baselines.items()]
     candidates += [ScoredCandidate(f"search rank {i + 1} (trial {row.index})", "lcsc", row.alpha, row.score, trial=row.index)
                    for i, row in enumerate(pick_finalists(table, args.top_k))]
     heldout_seed = args.noise_seed + HELDOUT_SEED_OFFSET
@@ -212,16 +214,11 @@ def finish(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace
                                                    "median_trial_stage_seconds": _median_stage_times(table)})
     write_results(output / "results.json", results)
     plot_best_so_far(output / "best_score_vs_trial.png", [r.score for r in table.rows], metric_name=metric_name,
-                     penalty=PENALTY_SCORE, baselines={n: r.score for n, r in table.baselines().items()})
+                     penalty=PENALTY_SCORE, baselines=searched_baselines)
     plot_coefficients(output / "coefficients_vs_step.png", steps,
                       {"LCSC winner": winner.alpha, **{n: a for n, a in baselines.items() if n.startswith(("ema", "phema"))}})
     print(f"results: {output / 'results.json'}; merged checkpoint: {exported}; plots and sample grids in {output}")
     return results
-
-
-def _search_score(table: ResultTable, baseline: str) -> float | None:
-    row = table.baselines().get(baseline)
-    return None if row is None else row.score
 
 
 def pick_finalists(table: ResultTable, top_k: int) -> list[TrialRecord]:

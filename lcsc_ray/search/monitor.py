@@ -80,17 +80,16 @@ class SearchMonitor(tune.Callback):
             self._metrics = (best, completed, failed, stage)
         return self._metrics
 
-    def progress(self, trials: list[Trial], completing: Trial | None = None) -> tuple[int, float | None, float | None]:
-        """(trials done, best score or None, ETA seconds or None) from the trial list Tune keeps, so the
+    def progress(self, done: list[Trial]) -> tuple[float | None, float | None]:
+        """(best score or None, ETA seconds or None) from the done trials of the list Tune keeps, so the
         numbers stay right across a resume (restored trials are in the list)."""
-        done = self._done(trials, completing)
         scores = [t.last_result[self.metric] for t in done if t.last_result[self.metric] < self.penalty]
         if self._done_at_start is None:
             self._done_at_start = len(done)
         new = len(done) - self._done_at_start
         rate = new / (time.monotonic() - self._started) if new > 0 else 0.0
         eta = (self.num_trials - len(done)) / rate if rate > 0 else None
-        return len(done), (min(scores) if scores else None), eta
+        return (min(scores) if scores else None), eta
 
     def _done(self, trials: list[Trial], completing: Trial | None) -> list[Trial]:
         """The trials that reported their final score. `completing` is the trial whose completion is being
@@ -98,7 +97,7 @@ class SearchMonitor(tune.Callback):
         return [t for t in trials if (t.status == Trial.TERMINATED or t is completing)
                 and t.last_result and self.metric in t.last_result]
 
-    def plot_progress(self, trials: list[Trial], completing: Trial | None = None, *, final: bool = False) -> None:
+    def plot_progress(self, done: list[Trial], *, final: bool = False) -> None:
         """Redraw `progress.png` from a daemon thread unless one is still drawing or the last one started
         less than `PROGRESS_PLOT_EVERY_S` ago; `final` (the run's end) draws the last state and waits for it."""
         busy = self._plotter is not None and self._plotter.is_alive()
@@ -107,7 +106,7 @@ class SearchMonitor(tune.Callback):
             return
         if busy:
             self._plotter.join()
-        done = sorted(self._done(trials, completing), key=lambda t: t.config.get(INDEX_KEY, 0))
+        done = sorted(done, key=lambda t: t.config.get(INDEX_KEY, 0))
         if not done:
             return
         labels = [str(t.config.get(LABEL_KEY, "")) for t in done]
@@ -126,14 +125,16 @@ class SearchMonitor(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         if self._done_at_start is None:
-            self.progress(trials)
+            self.progress(self._done(trials, None))
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        done, best, eta = self.progress(trials, completing=trial)
-        self.plot_progress(trials, completing=trial)
+        finished = self._done(trials, trial)  # one pass over the trial list per completion
+        done = len(finished)
+        best, eta = self.progress(finished)
+        self.plot_progress(finished)
         best_gauge, completed_gauge, failed_gauge, stage_histogram = self.metrics()
         completed_gauge.set(done)
-        failed_gauge.set(sum(bool(t.last_result.get("failed")) for t in self._done(trials, trial)))
+        failed_gauge.set(sum(bool(t.last_result.get("failed")) for t in finished))
         if best is not None:
             best_gauge.set(best)
         for key, value in (trial.last_result or {}).items():
@@ -153,8 +154,9 @@ class SearchMonitor(tune.Callback):
             interrupt_tune_run()
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
-        self.completed = sum(t.status == Trial.TERMINATED and self.metric in (t.last_result or {}) for t in trials)
+        finished = self._done(trials, None)
+        self.completed = len(finished)
         self.unfinished = sum(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials)
         self.errored = sum(t.status == Trial.ERROR for t in trials)
-        self.plot_progress(trials, final=True)
+        self.plot_progress(finished, final=True)
 

@@ -28,7 +28,7 @@ from ray.tune.search.nevergrad import NevergradSearch
 
 from lcsc_ray.errors import LcscError
 from lcsc_ray.search.candidates import (BASELINE_PREFIX, CANDIDATES_DIR, INDEX_KEY, SEARCH_LABEL, decode_candidate,
-                                        digest, recorded_value, save_candidate)
+                                        digest, recorded_values, save_candidate)
 from lcsc_ray.search.ray_compat import config_of_result, restore_searcher
 
 
@@ -56,7 +56,8 @@ class LcscNevergradSearch(NevergradSearch):
         self._candidates_dir = str(Path(experiment_dir).expanduser().resolve() / CANDIDATES_DIR)
         self._num_suggested = 0
         self._orphans: dict = {}
-        self._replay = False  # set by `restore`: look for evaluations recorded after the saved state
+        # Evaluations recorded in the store, read once after a restore (None: not read yet); empty for a new search.
+        self._recorded: dict[int, np.ndarray] | None = {}
         # (index, label, loss) of every tell, in tell order: small, and lets callers check what was told.
         self.told: list[tuple[int, str, float]] = []
         super().__init__(
@@ -81,12 +82,13 @@ class LcscNevergradSearch(NevergradSearch):
         candidate = self._nevergrad_opt.ask()  # suggestions (the warm starts) are popped first, in order
         index = self._num_suggested
         label = self._warm_labels[index] if index < len(self._warm_labels) else SEARCH_LABEL
-        if self._replay:
-            # After a restore, this index may have been evaluated by the previous driver after its last saved
-            # state: take that value (told as not-asked) so the trial replays the record.
-            recorded = recorded_value(self._candidates_dir, index)
-            if recorded is not None and digest(recorded) != digest(candidate.value["alpha"]):
-                candidate = self._nevergrad_opt.parametrization.spawn_child(new_value={"alpha": recorded})
+        if self._recorded is None:  # pickled with the searcher: keep only the suggestions still to come
+            self._recorded = {i: v for i, v in recorded_values(self._candidates_dir).items() if i >= index}
+        # After a restore, this index may have been evaluated by the previous driver after its last saved
+        # state: take that value (told as not-asked) so the trial replays the record.
+        recorded = self._recorded.pop(index, None)
+        if recorded is not None and digest(recorded) != digest(candidate.value["alpha"]):
+            candidate = self._nevergrad_opt.parametrization.spawn_child(new_value={"alpha": recorded})
         self._num_suggested += 1
         self._live_trial_mapping[trial_id] = (index, label, candidate)
         return save_candidate(self._candidates_dir, index, label, candidate.value["alpha"])
@@ -109,7 +111,7 @@ class LcscNevergradSearch(NevergradSearch):
         super().restore(checkpoint_path)
         self._orphans.update(self._live_trial_mapping)
         self._live_trial_mapping = {}
-        self._replay = True
+        self._recorded = None
 
 
 def load_searcher(experiment_path: str | os.PathLike) -> LcscNevergradSearch:
