@@ -6,7 +6,9 @@ evaluations (same candidates, same scorer, same threads) in one process, measure
 
 Both sides include building the scorer (stack, model, extractor, √Σ_ref) once; Ray's own start is not
 timed. Prints the per-candidate time of both, the overhead fraction (1 - loop/ray; target <= 10%) and the
-trials/s with 1 and 2 concurrent trials (the scaling on this machine).
+trials/s with 1 and 2 concurrent trials (the scaling on this machine). Then the driver's ceiling: trials/s
+of the same search machinery (our searcher, candidate store, monitor) around a trainable that does nothing,
+with 1, 2, 4 and 8 concurrent trials (target >= 20 trials/s).
 """
 
 from __future__ import annotations
@@ -32,6 +34,29 @@ from lcsc_ray.search.tuner import run_search
 from lcsc_ray.training.demo import ensure_demo_run
 from search_spaces import load_preset
 from search_spaces.spaces import build_space
+
+
+class TrivialTrial(tune.Trainable):
+    """A trial that reports a score at once: what is left is the driver's own work per trial."""
+
+    def step(self) -> dict:
+        return {"score": float(np.sum(self.config["lcsc_index"] ** 2)), "done": True}
+
+    def reset_config(self, new_config: dict) -> bool:
+        self.config = new_config
+        return True
+
+
+def driver_ceiling(space, storage: str, trials: int) -> dict[int, float]:
+    """Trials/s of the search around `TrivialTrial` at 1, 2, 4 and 8 concurrent trials (a tenth of a CPU each,
+    so the CPU count does not cap the concurrency)."""
+    rates = {}
+    for concurrent in (1, 2, 4, 8):
+        start = time.perf_counter()
+        run_search(TrivialTrial, space, optimizer="CMA", num_trials=trials, seed=0, storage=storage,
+                   name=f"ceiling-{concurrent}", max_concurrent=concurrent, resources={"cpu": 0.1}, progress=False)
+        rates[concurrent] = trials / (time.perf_counter() - start)
+    return rates
 
 
 def main() -> None:
@@ -83,12 +108,16 @@ def main() -> None:
                                   + row.metrics.get("time_merge", 0) for row in table.rows])
             print(f"ray tune, {concurrent} concurrent: {wall:.1f} s for {args.trials} trials = "
                   f"{1 / per_trial[concurrent]:.2f} trials/s (median in-trial evaluation {evaluate * 1e3:.0f} ms)")
+        ceiling = driver_ceiling(space, storage, args.trials)
     ray.shutdown()
     overhead = 1 - loop_seconds / per_trial[1]
     print(f"plain loop: {loop_seconds * 1e3:.0f} ms per candidate = {1 / loop_seconds:.2f} candidates/s")
     print(f"overhead of Ray Tune at 1 concurrent trial: {overhead:.1%} of trial time (target <= 10%); "
           f"ray/loop time ratio {per_trial[1] / loop_seconds:.2f}x")
     print(f"scaling 1 -> 2 concurrent trials: {per_trial[1] / per_trial[2]:.2f}x trials/s")
+    print("driver ceiling (a trainable that does nothing): "
+          + ", ".join(f"{c} concurrent {rate:.1f} trials/s" for c, rate in ceiling.items())
+          + f"; best {max(ceiling.values()):.1f} trials/s (target >= 20)")
 
 
 if __name__ == "__main__":

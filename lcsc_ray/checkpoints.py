@@ -7,7 +7,8 @@ Supported layouts (the inputs are the checkpoints θ₁…θ_K of one run, saved
 - sub-folders `checkpoint-<step>/` holding one weights file (`model.safetensors`, `pytorch_model.bin`, ...).
 
 Loading never unpickles arbitrary objects: safetensors, or `torch.load(weights_only=True)`: a checkpoint
-from elsewhere must not be able to run code. A `.pt` file may hold the state dict itself or a dict holding it under a key such as
+from elsewhere must not be able to run code. The one exception is a pickled network snapshot (NVlabs EDM,
+EDM2, ECT: `format="pickle"`), which is only ever unpickled when the user passed `--trust-pickle`. A `.pt` file may hold the state dict itself or a dict holding it under a key such as
 `model`/`ema`/`state_dict`/`model_ema`; `ckpt_key` picks one, and an ambiguous file says which keys exist.
 """
 
@@ -48,7 +49,7 @@ class CheckpointFile:
 
     path: Path
     step: int
-    format: str  # "safetensors" or "torch"
+    format: str  # "safetensors", "torch" or "pickle"
     folder: Path | None = None
 
 
@@ -244,6 +245,39 @@ def _load_torch(file: CheckpointFile, ckpt_key: str | None) -> LoadedCheckpoint:
     return LoadedCheckpoint(dict(state), key_path, None)
 
 
+def pickle_refusal(path: Path) -> str:
+    """The line that refuses to unpickle `path` without the user's explicit trust."""
+    return (f"{path}: a pickled network snapshot; unpickling runs code stored in the file, so it is only loaded "
+            "when you trust its source: add --trust-pickle")
+
+
+def unpickle_snapshot(path: Path, trust_pickle: bool) -> Mapping:
+    """The dict an NVlabs training loop pickled (`ema` holds the whole network module); refused without
+    `trust_pickle`. A class that cannot be imported means the code base is not on the Python path."""
+    if not trust_pickle:
+        raise LcscError(pickle_refusal(path))
+    try:
+        with open(path, "rb") as handle:
+            data = pickle.load(handle)  # noqa: S301 - the user passed --trust-pickle for these files
+    except (ModuleNotFoundError, AttributeError) as error:
+        module = getattr(error, "name", None) or str(error)
+        raise LcscError(f"{path}: its network class needs module {module!r}, which cannot be imported; put the "
+                        "training code base on PYTHONPATH (or pass --code-dir DIR)") from None
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError) as error:
+        raise LcscError(f"{path}: unreadable or truncated pickle ({error}); re-save it or leave it out") from None
+    if not isinstance(data, Mapping) or not isinstance(data.get("ema"), torch.nn.Module):
+        raise LcscError(f"{path}: holds no 'ema' network module (keys: {list(data) if isinstance(data, Mapping) else type(data).__name__}); "
+                        "expected an EDM/EDM2/ECT network-snapshot pickle")
+    return data
+
+
+def _load_pickle(file: CheckpointFile, ckpt_key: str | None, trust_pickle: bool) -> LoadedCheckpoint:
+    if ckpt_key not in (None, "ema"):
+        raise LcscError(f"{file.path}: network snapshots hold the network under 'ema'; drop --ckpt-key")
+    state = unpickle_snapshot(file.path, trust_pickle)["ema"].state_dict()
+    return LoadedCheckpoint({name: tensor.detach().clone() for name, tensor in state.items()}, ("ema",), None)
+
+
 def layout_difference(reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:
     """The first way `state` differs from `reference` in tensor names, shapes or floating/integer kind, as a
     phrase about `state` ("key 'x' is missing", ...), or None when both have the same layout."""
@@ -264,13 +298,17 @@ def layout_difference(reference: Mapping[str, torch.Tensor], state: Mapping[str,
 
 
 def load_checkpoint(file: CheckpointFile, ckpt_key: str | None = None,
-                    strip_prefix: str | None = None) -> LoadedCheckpoint:
+                    strip_prefix: str | None = None, trust_pickle: bool = False) -> LoadedCheckpoint:
     """Load one checkpoint safely and check that every floating-point tensor is finite.
 
     `strip_prefix` removes a prefix every key carries (`module.` from a DDP-wrapped model). Returns the state
-    dict with where it sat in the file, so an export can rebuild the same layout.
+    dict with where it sat in the file, so an export can rebuild the same layout. Pickled snapshots load
+    only with `trust_pickle`.
     """
-    loaded = (_load_safetensors if file.format == "safetensors" else _load_torch)(file, ckpt_key)
+    if file.format == "pickle":
+        loaded = _load_pickle(file, ckpt_key, trust_pickle)
+    else:
+        loaded = (_load_safetensors if file.format == "safetensors" else _load_torch)(file, ckpt_key)
     if strip_prefix:
         without = [name for name in loaded.state_dict if not name.startswith(strip_prefix)]
         if without:
@@ -286,6 +324,6 @@ def load_checkpoint(file: CheckpointFile, ckpt_key: str | None = None,
 
 
 def load_state_dict(file: CheckpointFile, ckpt_key: str | None = None,
-                    strip_prefix: str | None = None) -> dict[str, torch.Tensor]:
+                    strip_prefix: str | None = None, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The validated state dict of one checkpoint (see `load_checkpoint`)."""
-    return load_checkpoint(file, ckpt_key, strip_prefix).state_dict
+    return load_checkpoint(file, ckpt_key, strip_prefix, trust_pickle).state_dict

@@ -3,12 +3,17 @@
 Safetensors inputs give a safetensors file (with the newest input's metadata); `.pt`-style inputs give
 `torch.save` of the state dict under the same key nesting (e.g. `{"ema": state_dict}`; other entries of
 the original container, such as optimizer state, are not carried). A `checkpoint-<step>/` layout gives a
-folder holding the same weights file name. The file and its JSON sidecar `<file>.json` (coefficients,
+folder holding the same weights file name, plus the input folder's `config.json` when it has one (a diffusers
+`unet/` folder: `UNet2DModel.from_pretrained(out)` loads the export). A pickled network snapshot (NVlabs EDM,
+EDM2, ECT) gives the newest snapshot's dict with its `ema` network holding the merged weights in the
+network's own dtypes (float16 for EDM2), so the code base's generate/metric scripts take it. The file and its JSON sidecar `<file>.json` (coefficients,
 steps, source files, metrics) are written atomically.
 """
 
 from __future__ import annotations
 
+import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +22,22 @@ import torch
 from safetensors.torch import save_file
 
 from lcsc_ray.atomic import atomic_write, atomic_write_json
-from lcsc_ray.checkpoints import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
+from lcsc_ray.checkpoints import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, unpickle_snapshot
 from lcsc_ray.errors import LcscError
 from lcsc_ray.stack import CheckpointStack
 
 
 def export_path(stack: CheckpointStack, out_path: str | Path) -> Path:
     """Where the weights go: `out_path` itself when it has a suffix of the inputs' format; without a
-    suffix, `<out>/<weights name>` for the folder layout, else `<out><inputs' suffix>`."""
+    suffix, `<out>/<weights name>` for the folder layout, else `<out><inputs' suffix>`. A model folder with a
+    `config.json` (diffusers) is always exported as a folder, `<out without suffix>/<weights name>`."""
     out = Path(out_path).expanduser()
     newest = stack.files[-1]
+    if newest.folder is not None and (newest.folder / "config.json").is_file():
+        return out.with_suffix("") / newest.path.name  # a model folder (diffusers) stays a folder its loader takes
     if not out.suffix:
         return out / newest.path.name if newest.folder is not None else out.with_name(out.name + newest.path.suffix)
-    allowed = SAFETENSORS_SUFFIXES if newest.format == "safetensors" else TORCH_SUFFIXES
+    allowed = {"safetensors": SAFETENSORS_SUFFIXES, "pickle": (".pkl",)}.get(newest.format, TORCH_SUFFIXES)
     if out.suffix.lower() not in allowed:
         raise LcscError(f"--out {out}: the inputs are {newest.format} files; name the output with "
                         f"{' or '.join(allowed)} (or give no suffix)")
@@ -42,8 +50,18 @@ def export_merged(stack: CheckpointStack, alpha: np.ndarray | torch.Tensor, out_
     target = export_path(stack, out_path)
     coefficients = np.asarray(alpha.detach().cpu() if isinstance(alpha, torch.Tensor) else alpha, dtype=np.float64)
     state = stack.merged_state_dict(coefficients)
-    if stack.files[-1].format == "safetensors":
+    newest = stack.files[-1]
+    if newest.format == "safetensors":
         atomic_write(target, lambda tmp: save_file(state, str(tmp), metadata=stack.metadata))
+        if newest.folder is not None and (newest.folder / "config.json").is_file():
+            atomic_write(target.with_name("config.json"),
+                         lambda tmp: shutil.copyfile(newest.folder / "config.json", tmp))
+    elif newest.format == "pickle":
+        # The stack could only be built from these snapshots with --trust-pickle, so the newest one is unpickled
+        # again as the template of the export.
+        snapshot = unpickle_snapshot(newest.path, trust_pickle=True)
+        snapshot["ema"].load_state_dict(state, strict=True)  # copies into the module's own dtypes
+        atomic_write(target, lambda tmp: tmp.write_bytes(pickle.dumps(snapshot)))
     else:
         container: Any = state
         for key in reversed(stack.key_path):

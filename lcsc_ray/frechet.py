@@ -23,10 +23,12 @@ trials side by side, each with its own CPU, and extra BLAS threads then only spi
 from __future__ import annotations
 
 import contextlib
+import functools
+from typing import Sequence
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from lcsc_ray.errors import LcscError
 
@@ -34,6 +36,13 @@ Array = np.ndarray | torch.Tensor
 
 # Eigenvalues below -NEGATIVE_TOLERANCE * λ_max are not rounding error: the matrix is not a covariance.
 NEGATIVE_TOLERANCE = 1e-6
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """One controller per process: building one (as `threadpool_limits` does on every call) scans the loaded
+    libraries and took 0.9 ms, most of a d = 64 distance; limiting through a kept one takes microseconds."""
+    return ThreadpoolController()
 
 
 def _check_finite(name: str, value: Array) -> None:
@@ -105,7 +114,7 @@ class FrechetReference:
         """Cap numpy's BLAS threads for the duration of a computation (module docstring)."""
         if self._use_torch or self.cpu_threads is None:
             return contextlib.nullcontext()
-        return threadpool_limits(limits=self.cpu_threads, user_api="blas")
+        return _blas_controller().limit(limits=self.cpu_threads, user_api="blas")
 
     def _mean_term(self, mu: Array) -> float:
         """‖μ − μ_ref‖², the first term of the distance."""
@@ -121,14 +130,24 @@ class FrechetReference:
     def distance(self, mu: Array, sigma: Array) -> float:
         """FD to N(mu, sigma) by the full form: Σ √λ(S Σ S) (module docstring)."""
         mu, sigma = self._as_float64(mu), self._as_float64(sigma)
-        self._check_dim("candidate mean", mu.shape[0])
-        _check_finite("candidate mean", mu)
-        _check_finite("candidate covariance", sigma)
+        return self.distances(mu[None], sigma[None])[0]
+
+    def distances(self, mus: Array, sigmas: Array) -> list[float]:
+        """FD to each N(mus[i], sigmas[i]) ([B, d] and [B, d, d]): `distance` for a stack of Gaussians with one
+        batched `eigvalsh`, as the delete-a-block jackknife of a multi-fidelity round needs (B + 1 at once)."""
+        mus, sigmas = self._as_float64(mus), self._as_float64(sigmas)
+        self._check_dim("candidate mean", mus.shape[-1])
+        _check_finite("candidate mean", mus)
+        _check_finite("candidate covariance", sigmas)
         with self._threads():
-            product = self.sqrt_sigma @ sigma @ self.sqrt_sigma
-            eigenvalues = self._linalg().eigvalsh((product + product.T) / 2)
-        trace_sqrt = float((_clamped_eigenvalues(eigenvalues, "candidate covariance") ** 0.5).sum())
-        return self._mean_term(mu) + float(sigma.trace()) + self.trace_sigma - 2.0 * trace_sqrt
+            product = self.sqrt_sigma @ sigmas @ self.sqrt_sigma
+            eigenvalues = self._linalg().eigvalsh((product + product.swapaxes(-1, -2)) / 2)
+        traces = sigmas.diagonal(0, -2, -1).sum(-1)
+        result = []
+        for mu, trace, values in zip(mus, traces, eigenvalues):
+            trace_sqrt = float((_clamped_eigenvalues(values, "candidate covariance") ** 0.5).sum())
+            result.append(self._mean_term(mu) + float(trace) + self.trace_sigma - 2.0 * trace_sqrt)
+        return result
 
     def distance_from_features(self, features: Array) -> float:
         """FD to the Gaussian fitted to `features` [n, d] (mean, unbiased covariance as `np.cov`).
@@ -159,3 +178,24 @@ def frechet_distance(mu1: Array, sigma1: Array, mu2: Array, sigma2: Array) -> fl
     A search should build one `FrechetReference` and reuse it instead.
     """
     return FrechetReference(mu2, sigma2).distance(mu1, sigma1)
+
+
+
+def extrapolate_frechet(distance: float, num_samples: int, leave_out: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """(FD∞, slope): the line FD(n) = FD∞ + slope / n through the distance from all `num_samples` samples and
+    the mean of the delete-a-block distances `leave_out` ((samples, distance) with one block left out each).
+
+    A Fréchet distance from n samples is biased upward by a term that is, to first order, proportional to 1/n
+    (the spread of the sample mean and covariance around the true ones), and how large it is depends on the
+    candidate. Distances at several n therefore lie on a line in 1/n whose intercept estimates the distance
+    at infinitely many samples (Chong & Forsyth, "Effectively Unbiased FID and Inception Score and where to
+    find them", CVPR 2020). We take the second point from the delete-a-block jackknife: averaging over all B
+    blocks left out in turn makes the slope far less noisy than fitting nested prefixes of one sample
+    stream (docs/METHOD.md, "Multi-fidelity trials").
+    """
+    if not leave_out:
+        raise ValueError("need at least one leave-a-block-out distance to extrapolate")
+    inverse = float(np.mean([1.0 / count for count, _ in leave_out]))
+    mean_left = float(np.mean([value for _, value in leave_out]))
+    slope = (distance - mean_left) / (1.0 / num_samples - inverse)
+    return distance - slope / num_samples, slope

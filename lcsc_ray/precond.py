@@ -6,7 +6,8 @@ stay comparable: σ_min 0.002, σ_max 80, ρ 7, σ_data 0.5. A raw network `F(x_
     CM:  f(x, σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ))   (boundary condition f(x, σ_min) = x)
     DM:  D(x, σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ))   (EDM, Karras et al. 2022, Table 1)
 
-The wrappers are functions, not modules, so checkpoints hold only the raw network's tensors.
+The wrappers are functions, not modules, so checkpoints hold only the raw network's tensors. Samplers reach
+them through the `ours` convention of lcsc_ray/conventions.py, which also knows other code bases' networks.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def _apply(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, scalings: tuple
     return c_skip * x + c_out * net(c_in * x, c_noise(sigma).to(x.dtype))
 
 
-def _per_sample(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+def per_sample_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """σ as a float64 vector of one value per sample of `x` (a scalar is broadcast)."""
     sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
     return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.to(torch.float64)
 
@@ -93,13 +95,13 @@ def consistency_fn(
     net: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, sigma_min: float = 0.002, sigma_data: float = 0.5
 ) -> torch.Tensor:
     """The consistency function f(x, σ) of a raw network (Song et al. 2023); σ is a scalar or one per sample."""
-    sigma = _per_sample(sigma, x)
+    sigma = per_sample_sigma(sigma, x)
     return _apply(net, x, sigma, consistency_scalings(sigma, sigma_min, sigma_data))
 
 
 def edm_denoiser(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, sigma_data: float = 0.5) -> torch.Tensor:
     """The EDM denoiser D(x, σ) ≈ E[x₀ | x] of a raw network (Karras et al. 2022, Eq. 7 and Table 1)."""
-    sigma = _per_sample(sigma, x)
+    sigma = per_sample_sigma(sigma, x)
     return _apply(net, x, sigma, edm_scalings(sigma, sigma_data))
 
 

@@ -11,7 +11,10 @@ forward pass of a tiny batch plus reading two checkpoints:
    shapes, floating vs integer tensors), with a hint when every key differs by a prefix such as `module.`;
 4. the sampler draws a tiny batch from the newest checkpoint: the images are finite, have the run's image
    shape, and the extractor turns them into finite features of the reference statistics' dimension.
-Each failure is an `LcscError` naming the file or field and the fix.
+Each failure is an `LcscError` naming the file or field and the fix. Runs of other code bases get their
+format's checks on the way: pickled snapshots without --trust-pickle, an unimportable network class (the
+code base is not on the Python path), a diffusers config that does not build. With `preview`, a grid of
+samples of the newest checkpoint is written there (`--dry-run`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -27,6 +31,7 @@ from torch import nn
 
 from lcsc_ray.checkpoints import CheckpointFile, LoadedCheckpoint, layout_difference, load_checkpoint
 from lcsc_ray.errors import LcscError
+from lcsc_ray.images import write_sample_grid
 from lcsc_ray.noise import FixedNoise
 from lcsc_ray.run_folder import RUN_JSON, RunInfo
 from lcsc_ray.scoring import ScoringSpec, build_pipeline
@@ -55,6 +60,12 @@ class PreflightReport:
 def check_header(file: CheckpointFile) -> None:
     """Raise unless the checkpoint's directory of tensors can be read (no tensor data is loaded)."""
     fix = f"re-save it, or leave step {file.step} out with --exclude-steps {file.step}"
+    if file.format == "pickle":
+        with open(file.path, "rb") as handle:
+            first = handle.read(1)
+        if not first or first[0] != _PICKLE_PROTOCOL_MARK:
+            raise LcscError(f"{file.path}: not a pickle (empty or truncated); {fix}")
+        return
     if file.format == "safetensors":
         try:
             with safe_open(str(file.path), framework="pt", device="cpu") as handle:
@@ -109,7 +120,8 @@ def _check_samples(images: torch.Tensor, run: RunInfo, sampler_name: str, run_js
                         f"sampler flags and 'precond' in {run_json}")
 
 
-def preflight(spec: ScoringSpec, run: RunInfo, *, device: str | torch.device = "cpu") -> PreflightReport:
+def preflight(spec: ScoringSpec, run: RunInfo, *, device: str | torch.device = "cpu",
+              preview: Path | None = None) -> PreflightReport:
     """Run every check of the module docstring for the search `spec` describes; raise `LcscError` on the first
     failure. The checkpoints in `spec.files` must be sorted by step (as the selection returns them)."""
     started = time.perf_counter()
@@ -120,11 +132,11 @@ def preflight(spec: ScoringSpec, run: RunInfo, *, device: str | torch.device = "
                         "--interval or --max-checkpoints, or drop --exclude-steps")
     for file in files:
         check_header(file)
-    run_json = str(run.run_dir / RUN_JSON)
+    run_json = str(run.run_dir / RUN_JSON) if spec.run_config is None else "the run.json of this search"
     device = torch.device(device)
     net, sampler, evaluator = build_pipeline(spec, run, device)
     for file in (files[0], files[-1]):  # the newest last: its weights stay loaded for the sample check
-        loaded = load_checkpoint(file, spec.ckpt_key, spec.strip_key_prefix)
+        loaded = load_checkpoint(file, spec.ckpt_key, spec.strip_key_prefix, spec.trust_pickle)
         check_strict_load(net, loaded, file, run_json)
     net.load_state_dict(loaded.state_dict, strict=True)
     try:
@@ -146,6 +158,8 @@ def preflight(spec: ScoringSpec, run: RunInfo, *, device: str | torch.device = "
                         f"{bool(torch.isfinite(features).all())}) for the newest checkpoint's samples, the reference "
                         f"statistics {spec.reference_stats} have dimension {evaluator.reference.dim}; check --extractor "
                         "and --ref-stats")
+    if preview is not None:
+        write_sample_grid(run, net, preview, count=16, seed=PREFLIGHT_SEED, sampler=sampler)
     num_params = sum(t.numel() for t in loaded.state_dict.values() if t.is_floating_point())
     return PreflightReport(len(files), num_params, tuple(images.shape), int(features.shape[1]),
                            time.perf_counter() - started)

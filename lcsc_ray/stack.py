@@ -161,7 +161,8 @@ class CheckpointStack:
     def from_files(cls, files: Sequence[CheckpointFile], *, ckpt_key: str | None = None,
                    strip_prefix: str | None = None, device: str | torch.device = "cpu",
                    storage_dtype: torch.dtype = torch.float32,
-                   max_bytes: int | None = None, stream: bool | None = None) -> "CheckpointStack":
+                   max_bytes: int | None = None, stream: bool | None = None,
+                   trust_pickle: bool = False) -> "CheckpointStack":
         """Load, validate and stack `files` (any order; sorted by step here).
 
         The newest checkpoint fixes names, shapes and the byte count; the memory plan runs before the
@@ -174,7 +175,7 @@ class CheckpointStack:
             raise LcscError(f"--stack-dtype {storage_dtype}: choose one of {', '.join(STORAGE_DTYPES)}")
         target = resolve_device(device)
         newest_file = files[-1]
-        newest = load_checkpoint(newest_file, ckpt_key, strip_prefix)
+        newest = load_checkpoint(newest_file, ckpt_key, strip_prefix, trust_pickle)
         entries, fixed, order = _layout(newest)
         num_params = sum(e.numel for e in entries)
         if num_params == 0:
@@ -190,7 +191,7 @@ class CheckpointStack:
         data = torch.empty(len(files), num_params, dtype=storage_dtype, device=home, pin_memory=pin)
         base = _flatten(newest.state_dict, entries, target) if delta else None
         for row, file in enumerate(files):
-            loaded = newest if file is newest_file else load_checkpoint(file, ckpt_key, strip_prefix)
+            loaded = newest if file is newest_file else load_checkpoint(file, ckpt_key, strip_prefix, trust_pickle)
             difference = layout_difference(newest.state_dict, loaded.state_dict)
             if difference is not None:
                 raise LcscError(f"{file.path}: {difference} compared with {newest_file.path.name}; all checkpoints "

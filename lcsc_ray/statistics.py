@@ -17,15 +17,25 @@ import torch
 
 
 class RunningStats:
-    """Accumulates the mean and covariance of [n, d] feature batches (see module docstring)."""
+    """Accumulates the mean and covariance of [n, d] feature batches (see module docstring).
 
-    def __init__(self, dim: int, *, device: str | torch.device = "cpu") -> None:
+    With `blocks` = B > 1 the sums are kept per block, sample i going to block i mod B (interleaved, so every
+    block spreads over the whole sample order), and `mean(exclude=b)` / `covariance(exclude=b)` give the
+    statistics of all samples but block b: what the delete-a-block jackknife of the distance needs. Memory
+    is B × d × d float64.
+    """
+
+    def __init__(self, dim: int, *, device: str | torch.device = "cpu", blocks: int = 1) -> None:
+        if blocks < 1:
+            raise ValueError(f"blocks must be at least 1, got {blocks}")
         self.dim = dim
+        self.blocks = blocks
         self.device = torch.device(device)
         self.num_samples = 0
         self._shift: torch.Tensor | None = None
-        self._sum = torch.zeros(dim, dtype=torch.float64, device=self.device)
-        self._outer = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
+        self._counts = [0] * blocks
+        self._sum = torch.zeros(blocks, dim, dtype=torch.float64, device=self.device)
+        self._outer = torch.zeros(blocks, dim, dim, dtype=torch.float64, device=self.device)
 
     def update(self, features: torch.Tensor) -> None:
         """Add a batch of features [n, dim] (any float dtype; summed in float64)."""
@@ -37,19 +47,46 @@ class RunningStats:
         if self._shift is None:
             self._shift = features.mean(0)
         shifted = features - self._shift
-        self._sum += shifted.sum(0)
-        self._outer += shifted.T @ shifted
+        for block in range(self.blocks):
+            rows = shifted[(block - self.num_samples) % self.blocks::self.blocks]
+            self._sum[block] += rows.sum(0)
+            self._outer[block] += rows.T @ rows
+            self._counts[block] += rows.shape[0]
         self.num_samples += features.shape[0]
 
-    def mean(self) -> torch.Tensor:
-        """μ = K + s / n, float64 [dim]."""
-        if self.num_samples == 0:
-            raise ValueError("no features accumulated yet")
-        return self._shift + self._sum / self.num_samples
+    def leave_one_out(self) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """For every block b at once: the sample counts, means [B, dim] and covariances [B, dim, dim] of all
+        samples but block b (what `mean(exclude=b)` and `covariance(exclude=b)` give one at a time)."""
+        counts = [self.num_samples - c for c in self._counts]
+        if min(counts) < 2:
+            raise ValueError(f"a covariance needs at least 2 samples, have {min(counts)} without one block")
+        n = torch.tensor(counts, dtype=torch.float64, device=self.device)
+        s = self._sum.sum(0) - self._sum
+        q = self._outer.sum(0) - self._outer
+        covariances = (q - s[:, :, None] * s[:, None, :] / n[:, None, None]) / (n[:, None, None] - 1)
+        return counts, self._shift + s / n[:, None], covariances
 
-    def covariance(self) -> torch.Tensor:
+    def _sums(self, exclude: int | None) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(n, s, Q) over all blocks, or over all but block `exclude`."""
+        total = (self.num_samples, self._sum.sum(0), self._outer.sum(0))
+        if exclude is None:
+            return total
+        return total[0] - self._counts[exclude], total[1] - self._sum[exclude], total[2] - self._outer[exclude]
+
+    def count(self, exclude: int | None = None) -> int:
+        """Samples accumulated (all, or all but block `exclude`)."""
+        return self.num_samples if exclude is None else self.num_samples - self._counts[exclude]
+
+    def mean(self, exclude: int | None = None) -> torch.Tensor:
+        """μ = K + s / n, float64 [dim] (of all samples, or all but block `exclude`)."""
+        n, s, _ = self._sums(exclude)
+        if n == 0:
+            raise ValueError("no features accumulated yet")
+        return self._shift + s / n
+
+    def covariance(self, exclude: int | None = None) -> torch.Tensor:
         """Unbiased Σ = (Q − s sᵀ / n) / (n − 1), float64 [dim, dim] (as `np.cov(features, rowvar=False)`)."""
-        if self.num_samples < 2:
-            raise ValueError(f"a covariance needs at least 2 samples, have {self.num_samples}")
-        n = self.num_samples
-        return (self._outer - torch.outer(self._sum, self._sum) / n) / (n - 1)
+        n, s, q = self._sums(exclude)
+        if n < 2:
+            raise ValueError(f"a covariance needs at least 2 samples, have {n}")
+        return (q - torch.outer(s, s) / n) / (n - 1)

@@ -58,12 +58,12 @@ def test_every_flag_the_code_names_exists(cli_flags):
 
 def test_shared_meanings_use_one_name(cli_flags):
     """Where results go is --out, the device is --device, torch threads are --threads in every command that has
-    them; the tune commands' grid size is --grid-steps, so --steps only ever counts training updates."""
+    them; the sampler's grid size is --grid-steps, so --steps only ever counts training updates."""
     assert cli_flags["--out"] == {path.name for path in LAUNCH_SCRIPTS}
     assert "--output" not in cli_flags
     assert cli_flags["--device"] == {path.name for path in LAUNCH_SCRIPTS}
     assert cli_flags["--steps"] == {"train_cm.py", "train_dm.py"}
-    assert cli_flags["--grid-steps"] == {"tune_cm.py", "tune_dm.py"}
+    assert cli_flags["--grid-steps"] == {"tune_cm.py", "tune_dm.py", "inspect_run.py"}
     assert cli_flags["--threads"] == {"train_cm.py", "train_dm.py", "fid_stats.py", "merge_checkpoints.py"}
     assert cli_flags["--cpus-per-trial"] == {"tune_cm.py", "tune_dm.py"}
 

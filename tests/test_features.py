@@ -14,7 +14,7 @@ from metric_fixtures import digits_extractor, metric_cache, random_inception_wei
 
 
 def test_unknown_extractor_lists_the_valid_names():
-    with pytest.raises(LcscError, match="choose one of: digits, inception"):
+    with pytest.raises(LcscError, match="choose one of: digits, digits_indep, inception"):
         build_extractor("vgg")
 
 
@@ -52,6 +52,27 @@ def test_digits_extractor_is_loaded_from_cache_and_retrained_when_corrupt(metric
     retrained = build_extractor("digits")
     torch.testing.assert_close(retrained(images), digits_extractor(images))  # same seed and recipe
     assert digits._load_cached(cached[0]) is not None  # rewritten whole
+
+
+def test_independent_digits_classifier_is_another_network_with_its_own_metric(metric_cache, digits_extractor,
+                                                                            monkeypatch):
+    """fd_digits_indep: another architecture and seed, trained on first use and cached like fd_digits'."""
+    from lcsc_ray.features.digits_indep import DIGITS_INDEP
+
+    monkeypatch.setenv("LCSC_RAY_CACHE", str(metric_cache))
+    indep = build_extractor("digits_indep")
+    images, labels = load_digits_labelled()
+    assert (indep.name, indep.metric_name, indep.dim) == ("digits_indep", "fd_digits_indep", 64)
+    assert digits.held_out_accuracy(indep.net, images, labels, DIGITS_INDEP) >= digits.MIN_ACCURACY
+    assert repr(indep.net) != repr(digits_extractor.net) and indep.identity != digits_extractor.identity
+    assert len(list((metric_cache / "extractors").glob("digits_indep-*.safetensors"))) == 1
+    features = indep(images[:200])
+    assert features.shape == (200, 64)
+    # not a copy of the searched features: the two representations are far from linearly identical
+    searched = digits_extractor(images[:200])
+    fit = torch.linalg.lstsq(torch.cat([searched, torch.ones(200, 1)], 1).double(), features.double()).solution
+    residual = features.double() - torch.cat([searched, torch.ones(200, 1)], 1).double() @ fit
+    assert residual.square().sum() > 0.01 * (features.double() - features.double().mean(0)).square().sum()
 
 
 def test_inception_features_match_pytorch_fid_on_png_files(tmp_path, random_inception_weights):

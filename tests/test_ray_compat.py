@@ -132,3 +132,19 @@ def test_in_ray_job_reads_the_variable_the_job_supervisor_sets(monkeypatch):
     assert not ray_compat.in_ray_job()
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
     assert ray_compat.in_ray_job()
+
+
+def _score_trainable(config: dict) -> None:
+    tune.report({"score": float(np.sum(decode_candidate(config)[0] ** 2))})
+
+
+def test_json_trial_logs_only_keeps_result_json_and_drops_csv_and_tensorboard(local_ray, tmp_path):
+    space = build_space("affine", 3)
+    run_search(_score_trainable, space, optimizer="CMA", num_trials=2, seed=0, storage=tmp_path, name="logs",
+               progress=False)
+    trial_dirs = list((tmp_path / "logs").glob("trial_*"))
+    assert len(trial_dirs) == 2 and os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1"
+    for trial_dir in trial_dirs:
+        names = {path.name for path in trial_dir.iterdir()}
+        assert {"params.json", "result.json"} <= names, names
+        assert "progress.csv" not in names and not any(name.startswith("events.out") for name in names), names

@@ -6,6 +6,8 @@
 - kill -9 of the driver at two points: the resumed search evaluates nothing that had finished (completed
   evaluations are replayed from the candidate store), the optimizer is told exactly the budget, and the
   driver's Ray processes do not outlive it; a new search under a taken name is refused.
+- kill -9 of an ASHA search's driver mid-round: the resumed search replays recorded rounds and evaluates no
+  round of any candidate twice.
 - A trial process killed while the search runs is retried (`FailureConfig`) and the search completes.
 - A checkpoint with NaN weights that only the workers read (the preflight reads the oldest and newest)
   stops the search with one line naming its step and exit status 2; once fixed, `--resume` completes.
@@ -19,6 +21,7 @@ import random
 import shlex
 import shutil
 import signal
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -151,6 +154,45 @@ def test_kill_9_twice_then_resume_evaluates_nothing_twice(tiny_cm_run, tmp_path)
     assert code == 2
     assert last_line(tmp_path / "again.log").startswith(f"error: experiment {name} exists in ")
     assert "Started a local Ray" not in (tmp_path / "again.log").read_text()
+
+
+def _round_evaluations(exp_dir: Path) -> tuple[Counter, int]:
+    """(evaluations per (candidate index, round), replayed rounds) among the results the drivers received."""
+    evaluated, replayed = Counter(), 0
+    for result in exp_dir.glob("trial_*/result.json"):
+        for line in result.read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if "score" in record:
+                replayed += bool(record["replayed"])
+                evaluated[record["config"]["lcsc_index"], record["round"]] += not record["replayed"]
+    return evaluated, replayed
+
+
+def test_kill_9_mid_round_of_an_asha_search_then_resume_evaluates_no_round_twice(tiny_cm_run, tmp_path):
+    """Multi-fidelity trials record every round: after a kill -9 a resumed trial replays the rounds it had
+    finished, regenerates their samples silently and evaluates only the rest; stopped trials stay told."""
+    storage, name, num_trials = tmp_path / "storage", "asha", 16
+    exp_dir = storage / name
+    args = ["--ckpt-dir", str(tiny_cm_run), "--num-trials", str(num_trials), "--storage", str(storage),
+            "--name", name, "--no-dashboard", *FAST, "--scheduler", "asha", "--rounds", "50,100"]
+    env = driver_env(TUNE_GLOBAL_CHECKPOINT_S="30")
+    driver = start_driver(args, tmp_path / "first.log", env=env)
+    try:
+        wait_for(lambda: _records(exp_dir) >= random.randint(5, 8), 180, "evaluated candidates", driver, poll=0.02)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        kill_session(driver.pid)
+    code = run_driver([*args, "--resume"], tmp_path / "resume.log", env=env)
+    assert code == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    results = _results(exp_dir)
+    assert results["search"]["trials_completed"] == num_trials and results["search"]["trials_errored"] == 0
+    evaluated, replayed = _round_evaluations(exp_dir)
+    assert replayed >= 1, "the kill landed after Ray's last saved state, so some rounds must be replayed"
+    assert max(evaluated.values()) == 1, [key for key, count in evaluated.items() if count > 1]
+    assert any(round_ < 3 for (index, round_) in evaluated) and any(round_ == 3 for _, round_ in evaluated)
+    searcher = load_searcher(exp_dir)
+    assert sorted(index for index, _, _ in searcher.told) == list(range(num_trials))
 
 
 def test_killed_trial_process_is_retried(tiny_cm_run, tmp_path):

@@ -21,13 +21,14 @@ from lcsc_ray.training.ct import ct_loss
 from lcsc_ray.training.loop import make_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attention": False, "dropout": 0.0}
+TINY = {"channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attention": False, "dropout": 0.0,
+        "emb_mode": "scale_shift"}
 TINY_FLAGS = ["--channels", "8", "--channel-mult", "1,2", "--num-blocks", "1", "--batch-size", "16", "--quiet"]
 
 
 def tiny_config(kind, steps, save_every, batch_size=32, lr=2e-3):
     return make_config(kind, data="digits", steps=steps, save_every=save_every, batch_size=batch_size, lr=lr,
-                       seed=0, model_kwargs=TINY, ema_decay=0.99, warmup=1)
+                       seed=0, model_kwargs=TINY, ema_decay=0.99, warmup=1, loss_settings=demo.DEMO_CURRICULUM)
 
 
 def steps_in(folder, prefix):
@@ -92,8 +93,8 @@ def test_kill_and_resume_continues_from_newest_checkpoint(tmp_path):
 
     # an uninterrupted run with the same settings reaches the same weights: resume restored everything
     reference = tmp_path / "reference"
-    config = make_config("cm", data="digits", steps=steps, save_every=20, batch_size=16, lr=1e-3, seed=0,
-                         model_kwargs=TINY, ema_decay=0.999, warmup=100)
+    config = make_config("cm", data="digits", steps=steps, save_every=20, batch_size=16, lr=demo.DEFAULTS["cm"]["lr"], seed=0,
+                         model_kwargs=TINY, ema_decay=0.999, warmup=200, loss_settings=demo.DEMO_CURRICULUM)
     train(reference, config, quiet=True)
     for sub, name in (("checkpoints", "model"), ("checkpoints_ema", "ema")):
         a = load_file(str(out / sub / f"{name}_{steps:07d}.safetensors"))
@@ -106,7 +107,7 @@ def test_ensure_demo_run_trains_once_and_reuses(tmp_path, monkeypatch):
     monkeypatch.setitem(demo.DEFAULTS, "cm", {**demo.DEFAULTS["cm"], "steps": 10, "save_every": 5,
                                               "batch_size": 8, "model_kwargs": TINY})
     run_dir = demo.ensure_demo_run("cm", quiet=True)
-    assert run_dir == tmp_path / "runs" / "digits-cm" and steps_in(run_dir / "checkpoints", "model_") == [5, 10]
+    assert run_dir == tmp_path / "runs" / f"digits-cm-{demo.DEMO_VERSION}" and steps_in(run_dir / "checkpoints", "model_") == [5, 10]
     marker = (run_dir / "done.json").stat().st_mtime_ns
     assert demo.ensure_demo_run("cm", quiet=True) == run_dir
     assert (run_dir / "done.json").stat().st_mtime_ns == marker

@@ -4,6 +4,7 @@ discover -> select -> print the chosen steps -> stack -> merge -> export (weight
 
     lcsc-merge runs/cm/checkpoints --window 40000 --interval 1 --profile ema_0.999 --out outputs/ema_0.999.safetensors
     lcsc-merge runs/cm/checkpoints --coefficients best.json --out outputs/lcsc
+    lcsc-merge ddpm-output --ckpt-select unet_ema --profile ema_0.999 --out merged_unet   # a diffusers run
 
 (`python launch/merge_checkpoints.py ...` is the same command.)
 """
@@ -17,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lcsc_ray.checkpoints import discover_checkpoints, select_checkpoints
+from lcsc_ray.checkpoints import CheckpointFile, discover_checkpoints, select_checkpoints
 from lcsc_ray.errors import LcscError
 from lcsc_ray.export import export_merged
 from lcsc_ray.profiles import named_profile
+from lcsc_ray.run_formats import detect_format, select_trajectory
 from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack
 
 
@@ -30,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "in the inputs' format, with a JSON sidecar of the coefficients.")
     parser.add_argument("checkpoint_dir", help="folder holding the run's checkpoints (files with a step number "
                         "in the name, or checkpoint-<step>/ sub-folders)")
+    parser.add_argument("--ckpt-select", help="trajectory of a run of another code base (unet | unet_ema, raw | "
+                        "ema_<rate>, an EDM2 EMA width; docs/FORMATS.md)")
+    parser.add_argument("--trust-pickle", action="store_true", help="allow unpickling NVlabs network-snapshot "
+                        ".pkl files (unpickling runs code stored in them)")
     parser.add_argument("--ckpt-pattern", help=r"regular expression matched against whole file/folder names, with a "
                         r"group for the step, e.g. 'model_(?P<step>\d+)\.pt' (default: last number in the name)")
     parser.add_argument("--ckpt-key", help="key of the state dict inside .pt files holding several entries "
@@ -79,12 +85,23 @@ def read_coefficients(text: str, steps: list[int]) -> np.ndarray:
         raise LcscError(f"--coefficients {text}: expected a list of numbers") from error
 
 
+def run_checkpoints(args: argparse.Namespace) -> list[CheckpointFile]:
+    """The checkpoints of the folder: one trajectory of a run of another code base (found from file names
+    alone, nothing unpickled), else every checkpoint the folder holds."""
+    folder = Path(args.checkpoint_dir).expanduser().resolve()
+    fmt = detect_format(folder) if folder.is_dir() else None
+    if fmt is None:
+        return discover_checkpoints(folder, args.ckpt_pattern)
+    trajectories = fmt.trajectories(folder, args.ckpt_pattern)
+    return trajectories[select_trajectory(trajectories, args.ckpt_select, folder)]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    files = select_checkpoints(discover_checkpoints(args.checkpoint_dir, args.ckpt_pattern), window=args.window,
-                               interval=args.interval, max_count=args.max_checkpoints)
+    files = select_checkpoints(run_checkpoints(args), window=args.window, interval=args.interval,
+                               max_count=args.max_checkpoints)
     steps = [f.step for f in files]
     print(f"selected {len(files)} checkpoints, steps: {', '.join(map(str, steps))}")
     if args.profile is None and args.coefficients is None:
@@ -95,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     if alpha.shape != (len(steps),):
         raise LcscError(f"--coefficients: {alpha.size} values for {len(steps)} selected checkpoints")
     stack = CheckpointStack.from_files(files, ckpt_key=args.ckpt_key, device=args.device,
-                                       storage_dtype=STORAGE_DTYPES[args.stack_dtype])
+                                       storage_dtype=STORAGE_DTYPES[args.stack_dtype], trust_pickle=args.trust_pickle)
     target = export_merged(stack, alpha, args.out, extra={"profile": args.profile} if args.profile else None)
     print(f"wrote {target} (+ {target.name}.json), coefficient sum {alpha.sum():.6g}")
 

@@ -5,7 +5,8 @@ module exposes `build(*, device, inception_weights) -> FeatureExtractor` (or ano
 `module:function`); adding an extractor is a new file and one line here. The metric an extractor yields is
 named for what it is: only InceptionV3 pool3 features with the FID weights give an "fid"; the same network
 with random weights (`inception-random`, for timing checks) gives "fd_inception_random", the digits
-classifier "fd_digits".
+classifier "fd_digits", and the second, independently trained digits classifier "fd_digits_indep" (used to
+check the search's result on features it never saw).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ EXTRACTORS: dict[str, str] = {
     "inception": "lcsc_ray.features.inception",
     "inception-random": "lcsc_ray.features.inception:build_random",
     "digits": "lcsc_ray.features.digits",
+    "digits_indep": "lcsc_ray.features.digits_indep",
 }
 
 

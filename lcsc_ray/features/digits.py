@@ -13,6 +13,9 @@ used for MNIST-like data). The metric is a Fréchet distance on these features, 
   `MIN_ACCURACY` or training fails loudly: a weak classifier would make a meaningless metric.
 - Cache: `cache_dir()/extractors/digits-<key>.safetensors`, key = sha256 of the data fingerprint, the
   architecture (`repr` of the network) and the recipe; written atomically; an unreadable file is retrained.
+
+The training, caching and feature code takes a `ClassifierSpec` (network, recipe, names), so a second,
+independently trained classifier (`digits_indep.py`, for metrics the search never saw) reuses all of it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -57,31 +62,48 @@ class DigitsNet(nn.Module):
         return self.head(self.body(images))
 
 
-def cache_key(images: torch.Tensor) -> str:
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """One digits classifier: its network (with `features(images)` and `forward`), training recipe and the
+    names its extractor and metric go by; also the cache file prefix."""
+
+    name: str
+    metric_name: str
+    make_net: Callable[[], nn.Module]
+    recipe: dict
+    dim: int = FEATURE_DIM
+
+
+DIGITS = ClassifierSpec("digits", "fd_digits", DigitsNet, RECIPE)
+
+
+def cache_key(images: torch.Tensor, spec: ClassifierSpec = DIGITS) -> str:
     """sha256 over what determines the trained weights: data, architecture, recipe."""
-    text = json.dumps({"data": dataset_fingerprint(images), "net": repr(DigitsNet()), "recipe": RECIPE},
+    text = json.dumps({"data": dataset_fingerprint(images), "net": repr(spec.make_net()), "recipe": spec.recipe},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _split(labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def _split(labels: torch.Tensor, spec: ClassifierSpec = DIGITS) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(labels))
-    return train_test_split(index, test_size=RECIPE["held_out"], random_state=RECIPE["seed"],
+    return train_test_split(index, test_size=spec.recipe["held_out"], random_state=spec.recipe["seed"],
                             stratify=labels.numpy())
 
 
 @torch.no_grad()
-def held_out_accuracy(net: DigitsNet, images: torch.Tensor, labels: torch.Tensor) -> float:
+def held_out_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      spec: ClassifierSpec = DIGITS) -> float:
     """Accuracy on the held-out part of the fixed split."""
-    _, test = _split(labels)
+    _, test = _split(labels, spec)
     net.eval()
     return float((net(images[test]).argmax(1) == labels[test]).float().mean())
 
 
-def train(images: torch.Tensor, labels: torch.Tensor) -> DigitsNet:
-    """Train `DigitsNet` with the fixed `RECIPE` on the training part of the split (CPU, deterministic seed).
+def train(images: torch.Tensor, labels: torch.Tensor, spec: ClassifierSpec = DIGITS) -> nn.Module:
+    """Train the classifier of `spec` with its fixed recipe on the training part of the split (CPU,
+    deterministic seed).
 
     Runs on one CPU thread: the layers are so small that a second thread only adds synchronisation, which
     on a CPU shared with busy processes costs far more than it saves.
@@ -89,80 +111,79 @@ def train(images: torch.Tensor, labels: torch.Tensor) -> DigitsNet:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(images, labels)
+        return _train(images, labels, spec)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(images: torch.Tensor, labels: torch.Tensor) -> DigitsNet:
-    train_index, _ = _split(labels)
-    generator = torch.Generator().manual_seed(RECIPE["seed"])
-    torch.manual_seed(RECIPE["seed"])
-    net = DigitsNet()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
+def _train(images: torch.Tensor, labels: torch.Tensor, spec: ClassifierSpec) -> nn.Module:
+    recipe = spec.recipe
+    train_index, _ = _split(labels, spec)
+    generator = torch.Generator().manual_seed(recipe["seed"])
+    torch.manual_seed(recipe["seed"])
+    net = spec.make_net()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     x, y = images[train_index], labels[train_index]
-    for _ in range(RECIPE["epochs"]):
+    for _ in range(recipe["epochs"]):
         net.train()
-        for batch in torch.randperm(len(x), generator=generator).split(RECIPE["batch_size"]):
+        for batch in torch.randperm(len(x), generator=generator).split(recipe["batch_size"]):
             loss = nn.functional.cross_entropy(net(x[batch]), y[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    accuracy = held_out_accuracy(net, images, labels)
+    accuracy = held_out_accuracy(net, images, labels, spec)
     if accuracy < MIN_ACCURACY:
-        raise RuntimeError(f"digits classifier reached {accuracy:.2%} held-out accuracy, below {MIN_ACCURACY:.0%}")
+        raise RuntimeError(f"{spec.name} classifier reached {accuracy:.2%} held-out accuracy, below {MIN_ACCURACY:.0%}")
     return net.eval()
 
 
-def _load_cached(path: Path) -> DigitsNet | None:
+def _load_cached(path: Path, spec: ClassifierSpec = DIGITS) -> nn.Module | None:
     """The cached network, or None when the file is missing or unreadable (then it is retrained)."""
     if not path.is_file():
         return None
     from safetensors.torch import load_file
 
     try:
-        net = DigitsNet()
+        net = spec.make_net()
         net.load_state_dict(load_file(str(path), device="cpu"))
     except Exception as error:  # truncated/corrupt file, other architecture: rebuild instead of crashing
-        log.warning("digits extractor cache %s unreadable (%s); retraining", path, error)
+        log.warning("%s extractor cache %s unreadable (%s); retraining", spec.name, path, error)
         return None
     return net.eval()
 
 
-def load_or_train(images: torch.Tensor, labels: torch.Tensor, *,
-                  directory: Path | None = None) -> tuple[DigitsNet, str]:
+def load_or_train(images: torch.Tensor, labels: torch.Tensor, *, directory: Path | None = None,
+                  spec: ClassifierSpec = DIGITS) -> tuple[nn.Module, str]:
     """The trained network and its cache key, from `directory` (default `cache_dir()/extractors`) or trained
     now and saved there atomically."""
     from safetensors.torch import save_file
 
-    key = cache_key(images)
-    path = (directory or cache_dir() / "extractors") / f"digits-{key}.safetensors"
-    net = _load_cached(path)
+    key = cache_key(images, spec)
+    path = (directory or cache_dir() / "extractors") / f"{spec.name}-{key}.safetensors"
+    net = _load_cached(path, spec)
     if net is None:
-        net = train(images, labels)
+        net = train(images, labels, spec)
         state = {name: tensor.contiguous() for name, tensor in net.state_dict().items()}
-        metadata = {"recipe": json.dumps(RECIPE), "held_out_accuracy": f"{held_out_accuracy(net, images, labels):.4f}"}
+        metadata = {"recipe": json.dumps(spec.recipe),
+                    "held_out_accuracy": f"{held_out_accuracy(net, images, labels, spec):.4f}"}
         atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     return net, key
 
 
 class DigitsExtractor:
-    """Images in [-1, 1] [N, 1, 8, 8] -> 64-d penultimate features of the digits classifier."""
+    """Images in [-1, 1] [N, 1, 8, 8] -> penultimate features of a digits classifier (`spec`)."""
 
-    name = "digits"
-    metric_name = "fd_digits"
-    dim = FEATURE_DIM
-
-    def __init__(self, net: DigitsNet, identity: str, device: torch.device) -> None:
+    def __init__(self, net: nn.Module, identity: str, device: torch.device, spec: ClassifierSpec = DIGITS) -> None:
         self.net = net.to(device).eval()
         self.identity = identity
         self.device = device
+        self.name, self.metric_name, self.dim = spec.name, spec.metric_name, spec.dim
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Clamp to the data range [-1, 1] (as when samples are saved as images) and take the features."""
         if tuple(images.shape[1:]) != (1, 8, 8):
-            raise ValueError(f"the digits extractor takes [N, 1, 8, 8] images, got {tuple(images.shape)}")
+            raise ValueError(f"the {self.name} extractor takes [N, 1, 8, 8] images, got {tuple(images.shape)}")
         return self.net.features(images.clamp(-1.0, 1.0).float())
 
 

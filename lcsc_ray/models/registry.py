@@ -2,8 +2,8 @@
 
 run.json stores `{"factory": <name or module:function>, "kwargs": {...}}`; later tools rebuild the raw
 network from that alone. A factory returns an `nn.Module` callable as `net(x_in [N,C,H,W], c_noise [N])`
-returning [N,C,H,W] (wrap a foreign network, e.g. the OpenAI CM U-Net, in a module with that signature; its
-state_dict is then what the checkpoints hold).
+returning [N,C,H,W]; a network of another code base is called its own way instead, as run.json's
+`convention` says (lcsc_ray/conventions.py: e.g. the OpenAI CM U-Net as `net(x, t, y)`), with no wrapper.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def resolve_factory(factory: str) -> Callable[..., nn.Module]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise LcscError(f"model factory {factory!r}: cannot import {module_name!r} ({error}); check PYTHONPATH") from None
+        raise LcscError(f"model factory {factory!r}: cannot import {module_name!r} ({error}); put your code base "
+                        "on PYTHONPATH (or pass --code-dir DIR)") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise LcscError(f"model factory {factory!r}: {module_name} has no callable {attr!r}")

@@ -1,7 +1,9 @@
 """Samplers: turn a raw network (possibly merged weights) and fixed noise into images.
 
-Registry keyed by run kind and the name users type (`--sampler`); a new sampler is a new builder in its
-module plus one entry here. Builders take (σ constants, nfe, steps, ts, order) and validate them.
+Registry keyed by the sampler family of the run's denoiser convention (`cm`: consistency functions, `dm`:
+EDM denoisers, `diffusers`: diffusers UNets on their own schedulers; lcsc_ray/conventions.py) and the name
+users type (`--sampler`); a new sampler is a new builder in its module plus one entry here. Builders take
+(convention, nfe, steps, ts, order) and validate them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 from lcsc_ray.errors import LcscError
 from lcsc_ray.noise import FixedNoise
 from lcsc_ray.run_folder import RunInfo
-from lcsc_ray.sampling import cm, dm
+from lcsc_ray.sampling import cm, dm, schedulers
 
 
 class Sampler(Protocol):
@@ -28,20 +30,25 @@ class Sampler(Protocol):
 SAMPLERS: dict[str, dict[str, Callable[..., Sampler]]] = {
     "cm": {"onestep": cm.build_onestep, "multistep": cm.build_multistep},
     "dm": {"dpmsolver++": dm.build_dpmsolver, "ddim": dm.build_ddim, "heun": dm.build_heun},
+    "diffusers": {"dpmsolver++": schedulers.build_dpmsolver, "ddim": schedulers.build_ddim},
 }
-DEFAULT_SAMPLER = {"cm": "onestep", "dm": "dpmsolver++"}
+DEFAULT_SAMPLER = {"cm": "onestep", "dm": "dpmsolver++", "diffusers": "dpmsolver++"}
+_COMMAND = {"cm": "tune_cm.py", "dm": "tune_dm.py", "diffusers": "tune_dm.py"}
 
 
 def build_sampler(
     run: RunInfo, name: str | None = None, *, nfe: int | None = None, steps: int | None = None,
     ts: Sequence[int] | None = None, order: int | None = None,
 ) -> Sampler:
-    """The sampler `name` (default: onestep for CM, 3rd-order DPM-Solver++ for DM) for this run's σ constants."""
-    name = name or DEFAULT_SAMPLER[run.kind]
-    builders = SAMPLERS[run.kind]
+    """The sampler `name` (default: onestep for CM, 3rd-order DPM-Solver++ for DM) for this run's convention."""
+    convention = run.convention
+    family = convention.family
+    name = name or DEFAULT_SAMPLER[family]
+    builders = SAMPLERS[family]
     if name not in builders:
-        raise LcscError(f"--sampler {name!r} is not a {run.kind.upper()} sampler; use one of {sorted(builders)}")
-    return builders[name](run.sigmas, nfe, steps, ts, order)
+        raise LcscError(f"--sampler {name!r} does not fit this run (convention {convention.name!r}, searched with "
+                        f"{_COMMAND[family]}); use one of {sorted(builders)}")
+    return builders[name](convention, nfe, steps, ts, order)
 
 
 def generate_batches(sampler: Sampler, net: nn.Module, noise: FixedNoise, num_samples: int, batch_size: int) -> Iterator[torch.Tensor]:

@@ -1,7 +1,8 @@
 """Consistency-model samplers (OpenAI `karras_sample` with `sampler="onestep"/"multistep"`).
 
-The network passed in is the raw F; the consistency function f(x, σ) is built around it with the run's σ
-constants (lcsc_ray/precond.py). Noise comes from FixedNoise: stream 0 is x_T/σ_max, stream k the noise
+The consistency function f(x, σ) comes from the run's denoiser convention (lcsc_ray/conventions.py: our
+raw F with the boundary scalings, OpenAI's U-Net with its time input, ECT's self-preconditioned module), with
+the convention's σ constants and class labels. Noise comes from FixedNoise: stream 0 is x_T/σ_max, stream k the noise
 injected after the k-th evaluation, so outputs do not depend on the batch size.
 """
 
@@ -17,22 +18,24 @@ from torch import nn
 from lcsc_ray.devices import module_device
 from lcsc_ray.errors import LcscError
 from lcsc_ray.noise import FixedNoise
-from lcsc_ray.precond import SigmaConfig, consistency_fn, karras_sigmas
+from lcsc_ray.conventions import Convention
+from lcsc_ray.precond import karras_sigmas
 
 
 @dataclass
 class OneStepSampler:
     """x_T ~ N(0, σ_max²I), x = f(x_T, σ_max): one network evaluation."""
 
-    sigmas: SigmaConfig
+    convention: Convention
     name: str = "onestep"
     nfe: int = 1
 
     @torch.no_grad()
     def sample(self, net: nn.Module, noise: FixedNoise, start: int, count: int) -> torch.Tensor:
-        s = self.sigmas
-        x = noise.normal(0, start, count, module_device(net)) * s.sigma_max
-        return consistency_fn(net, x, s.sigma_max, s.sigma_min, s.sigma_data).clamp(-1.0, 1.0)
+        conv, device = self.convention, module_device(net)
+        x = noise.normal(0, start, count, device) * conv.sigmas.sigma_max
+        labels = conv.labels(noise.seed, start, count, device)
+        return conv.denoise(net, x, conv.sigmas.sigma_max, labels).clamp(-1.0, 1.0)
 
 
 @dataclass
@@ -40,7 +43,7 @@ class MultistepSampler:
     """On the `steps`-point Karras grid, for t in ts: x₀ = clamp(f(x, σ_t)); then, if a next index exists,
     x = x₀ + z·√(σ_next² − σ_min²) (the published CIFAR-10 setting: `steps=18, ts=0,10,17`)."""
 
-    sigmas: SigmaConfig
+    convention: Convention
     steps: int
     ts: tuple[int, ...]
     name: str = "multistep"
@@ -48,7 +51,7 @@ class MultistepSampler:
     def __post_init__(self) -> None:
         if self.steps < 2 or not self.ts or list(self.ts) != sorted(set(self.ts)) or not 0 <= self.ts[0] <= self.ts[-1] < self.steps:
             raise LcscError(f"--ts {list(self.ts)}: need strictly increasing indices in [0, --grid-steps {self.steps})")
-        s = self.sigmas
+        s = self.convention.sigmas
         self.grid = karras_sigmas(self.steps, s.sigma_min, s.sigma_max, s.rho)
 
     @property
@@ -57,10 +60,12 @@ class MultistepSampler:
 
     @torch.no_grad()
     def sample(self, net: nn.Module, noise: FixedNoise, start: int, count: int) -> torch.Tensor:
-        s, device = self.sigmas, module_device(net)
+        conv, device = self.convention, module_device(net)
+        s = conv.sigmas
+        labels = conv.labels(noise.seed, start, count, device)
         x = noise.normal(0, start, count, device) * float(self.grid[self.ts[0]])
         for k, t in enumerate(self.ts):
-            x0 = consistency_fn(net, x, float(self.grid[t]), s.sigma_min, s.sigma_data).clamp(-1.0, 1.0)
+            x0 = conv.denoise(net, x, float(self.grid[t]), labels).clamp(-1.0, 1.0)
             if k + 1 == len(self.ts):
                 return x0
             next_sigma = float(self.grid[self.ts[k + 1]])
@@ -68,18 +73,18 @@ class MultistepSampler:
         raise AssertionError("unreachable")
 
 
-def build_onestep(sigmas: SigmaConfig, nfe: int | None, steps: int | None, ts: Sequence[int] | None, order: int | None) -> OneStepSampler:
+def build_onestep(convention: Convention, nfe: int | None, steps: int | None, ts: Sequence[int] | None, order: int | None) -> OneStepSampler:
     if nfe not in (None, 1):
         raise LcscError(f"--nfe {nfe}: the onestep sampler makes exactly 1 evaluation; use 'multistep' for more")
-    return OneStepSampler(sigmas)
+    return OneStepSampler(convention)
 
 
-def build_multistep(sigmas: SigmaConfig, nfe: int | None, steps: int | None, ts: Sequence[int] | None, order: int | None) -> MultistepSampler:
+def build_multistep(convention: Convention, nfe: int | None, steps: int | None, ts: Sequence[int] | None, order: int | None) -> MultistepSampler:
     """Defaults to the published CIFAR-10 setting steps=18, ts=0,10,17; `nfe` alone spreads nfe indices evenly."""
     steps = steps or 18
     if ts is None:
         ts = (0, 10, 17) if nfe is None and steps == 18 else tuple(round(i * (steps - 1) / max(1, (nfe or 2) - 1)) for i in range(nfe or 2))
-    sampler = MultistepSampler(sigmas, steps, tuple(int(t) for t in ts))
+    sampler = MultistepSampler(convention, steps, tuple(int(t) for t in ts))
     if nfe is not None and nfe != sampler.nfe:
         raise LcscError(f"--nfe {nfe} disagrees with --ts {list(ts)} ({sampler.nfe} evaluations); give one of them")
     return sampler

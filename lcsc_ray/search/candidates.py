@@ -6,8 +6,9 @@ error, never a silently different α, and two values never share a file. A trial
 path, its label and its index: Ray copies every config several times into the experiment state it rewrites
 at each checkpoint, and a path costs the same at any K.
 
-Next to a value, `<index:06d>-<digest>.result.json` is written (atomically) by the trial as soon as the
-evaluation finished, before Ray hears of it. The experiment state Ray saves lags behind by up to one
+Next to a value, `<index:06d>-<digest>.result.json` is written (atomically) by the trial as soon as an
+evaluation round finished, before Ray hears of it: `{"rounds": [...]}`, one entry per round of samples
+(a single round unless the search runs multi-fidelity trials). The experiment state Ray saves lags behind by up to one
 checkpoint period, so after a driver is killed these records are the only complete account of what was
 evaluated: a resumed search replays them instead of evaluating the same candidate again.
 """
@@ -89,20 +90,21 @@ def _record_path(candidate_path: str | os.PathLike) -> Path:
     return path.with_name(path.stem + RECORD_SUFFIX)
 
 
-def save_record(config: dict, result: dict[str, Any]) -> None:
-    """Record the finished evaluation of the trial's candidate (a score or a penalty) next to its value."""
-    atomic_write_json(_record_path(config[CANDIDATE_KEY]), result)
+def save_record(config: dict, rounds: list[dict[str, Any]]) -> None:
+    """Record the rounds evaluated so far of the trial's candidate (each a score or a penalty) next to its
+    value; rewritten after every round, so a killed driver loses at most the round in progress."""
+    atomic_write_json(_record_path(config[CANDIDATE_KEY]), {"rounds": rounds})
 
 
-def load_record(config: dict) -> dict[str, Any] | None:
-    """The recorded result of the trial's candidate, or None when it was never evaluated to the end."""
+def load_record(config: dict) -> list[dict[str, Any]]:
+    """The recorded rounds of the trial's candidate, in order; empty when none finished."""
     path = _record_path(config[CANDIDATE_KEY])
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return list(json.loads(path.read_text(encoding="utf-8"))["rounds"])
     except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return None  # a record is written atomically; an unreadable one is treated as never written
+        return []
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # a record is written atomically; an unreadable one is treated as never written
 
 
 def recorded_values(candidates_dir: str | os.PathLike) -> dict[int, np.ndarray]:

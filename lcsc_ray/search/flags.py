@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lcsc_ray.errors import LcscError
+from lcsc_ray.run_formats import add_run_flags
 from lcsc_ray.sampling import DEFAULT_SAMPLER
 from lcsc_ray.stack import STORAGE_DTYPES
 from search_spaces import DEFAULT_BOUND, load_preset
@@ -30,7 +31,16 @@ def _comma_list(convert: Callable[[str], Any], name: str) -> Callable[[str], lis
 
 
 int_list = _comma_list(int, "comma-separated integer")
+
+
+def rounds_list(text: str) -> list[int]:
+    """`--rounds`: increasing sample counts of at least 2, checked while parsing, before anything starts."""
+    counts = int_list(text)
+    if any(n < 2 for n in counts) or counts != sorted(set(counts)):
+        raise argparse.ArgumentTypeError(f"{text!r}: sample counts must increase and be at least 2, e.g. 500,1000,2000")
+    return counts
 float_list = _comma_list(float, "comma-separated number")
+str_list = _comma_list(str.strip, "comma-separated name")
 
 
 def build_parser(kind: str) -> argparse.ArgumentParser:
@@ -46,7 +56,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--preset", default=f"digits-{kind}", help="bundled preset name or a preset .json file; its "
                    "values are the defaults shown here (pass --preset before --help to see another preset's)")
     g.add_argument("--ckpt-dir", help="training run folder (with run.json and checkpoints/) or a folder of "
-                   "checkpoints whose run.json is in it or its parent; default: the embedded demo run (trained on first use). "
+                   "checkpoints whose run.json is in it or its parent, or a run folder of diffusers, OpenAI "
+                   "consistency models or NVlabs EDM/EDM2/ECT as it was saved (docs/FORMATS.md); "
+                   "default: the embedded demo run (trained on first use). "
                    "On a cluster it must be a path every node sees (shared storage), or use --stack-via-object-store")
     g.add_argument("--ckpt-pattern", help="regex matched against whole checkpoint names with one group capturing the "
                    "step; default: the last number in the name")
@@ -77,6 +89,17 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--fid-samples", type=int, default=5000, help="samples per search evaluation (fixed search noise)")
     g.add_argument("--final-samples", type=int, default=50000,
                    help="samples per held-out evaluation of finalists and baselines")
+    g.add_argument("--heldout-seeds", type=int, default=5, help="held-out noise seeds every finalist and baseline "
+                   "is re-scored on; the table shows means and paired differences to the winner ± standard error, "
+                   "and a difference counts only beyond 2 SE (docs/METHOD.md, Held-out re-scoring)")
+    g.add_argument("--eval-extractors", type=str_list, default=[], help="extractors the search never sees, comma "
+                   "separated (e.g. digits_indep): the final table adds their Fréchet distance and k-NN precision/"
+                   "recall against the run's training images; with none, precision/recall use --extractor")
+    g.add_argument("--select-on", choices=("searched", "independent"), default="searched",
+                   help="pick the LCSC winner among the finalists on the held-out searched metric, or on the first "
+                   "--eval-extractors distance (a metric the search never saw: guards against overfitting it)")
+    g.add_argument("--pr-samples", type=int, default=10000, help="real and generated samples (at most) used for "
+                   "precision/recall in the final table")
     g.add_argument("--batch-size", type=int, default=500, help="sampling/feature batch size")
     g.add_argument("--noise-seed", type=int, default=0, help="seed of the fixed search noise; held-out noise "
                    f"uses this + {HELDOUT_SEED_OFFSET}")
@@ -97,6 +120,15 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    "(e.g. 0.05,0.1; a fraction of the training time); empty string for none")
     g.add_argument("--top-k", type=int, default=5, help="search finalists re-scored on held-out noise")
     g.add_argument("--seed", type=int, default=0, help="optimizer seed")
+    g.add_argument("--scheduler", choices=("fifo", "asha"), default="fifo",
+                   help="fifo: every trial scores all --fid-samples at once; asha: trials grow through --rounds "
+                   "and Ray Tune's ASHA stops those clearly worse than others at the same round (docs/METHOD.md, "
+                   "Multi-fidelity trials)")
+    g.add_argument("--rounds", type=rounds_list, default=[],
+                   help="with --scheduler asha: sample counts after each round of a trial, comma separated, e.g. "
+                   "500,1000,2000; --fid-samples is always the last round, and counts at or above it are left out")
+    g.add_argument("--reduction-factor", type=float, default=3.0,
+                   help="with --scheduler asha: at each round only the best 1/factor of the trials go on")
     g = parser.add_argument_group("where and on what")
     g.add_argument("--storage", default="lcsc_results", help="Ray Tune storage folder (shared storage on a cluster)")
     g.add_argument("--name", help="experiment name; default: lcsc-<kind>-<date-time>, or the newest one with --resume")
@@ -118,6 +150,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port")
     g.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
     g.add_argument("--quiet", action="store_true", help="less console output")
+    g.add_argument("--dry-run", action="store_true", help="stop after the preflight, before Ray starts: print what "
+                   "was found and write a sample grid of the newest checkpoint")
+    add_run_flags(parser)
     return parser
 
 
@@ -149,4 +184,19 @@ def parse_args(argv: list[str] | None, kind: str) -> argparse.Namespace:
     parser.epilog = (f"Preset {preset['preset']} sets the defaults of {len(values)} flags above; a preset that leaves "
                      f"one out gets its built-in default: {builtin}.")
     parser.set_defaults(**values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_heldout_flags(args)
+    return args
+
+
+def check_heldout_flags(args: argparse.Namespace) -> None:
+    """The final evaluation's flags, checked before anything runs (a typo must not cost a whole search)."""
+    from lcsc_ray.features import EXTRACTORS
+
+    if args.heldout_seeds < 1 or args.pr_samples < 4:
+        raise LcscError(f"--heldout-seeds {args.heldout_seeds} / --pr-samples {args.pr_samples}: need at least 1 "
+                        "seed (3 or more for error bars) and 4 samples")
+    unknown = [name for name in args.eval_extractors if name not in EXTRACTORS]
+    if unknown:
+        raise LcscError(f"--eval-extractors {unknown[0]!r} is unknown; choose from {', '.join(sorted(EXTRACTORS))}, "
+                        "or pass --eval-extractors '' for none")

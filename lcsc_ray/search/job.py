@@ -19,41 +19,57 @@ import numpy as np
 import ray
 from ray import tune
 
-from lcsc_ray.checkpoints import CheckpointFile, discover_checkpoints, select_checkpoints
+from lcsc_ray.baseline_checkpoints import ExtraBaseline, extra_baselines
+from lcsc_ray.checkpoints import CheckpointFile, select_checkpoints
 from lcsc_ray.cluster import start_ray
 from lcsc_ray.errors import LcscError
 from lcsc_ray.export import export_merged
-from lcsc_ray.profiles import baseline_profiles
+from lcsc_ray.heldout import (EvalPlan, OutputAffine, cached_metrics, candidate_samples, fit_output_affine)
+from lcsc_ray.images import write_sample_grid
+from lcsc_ray.profiles import baseline_profiles, run_ema_warmup
+from lcsc_ray.stack import CheckpointStack
 from lcsc_ray.reference_stats import ensure_reference_stats
 from lcsc_ray.preflight import preflight
-from lcsc_ray.run_folder import RUN_JSON, RunInfo, load_run
-from lcsc_ray.scoring import ScoringSpec, cached_scorer, load_stack
+from lcsc_ray.run_folder import RUN_JSON, RunInfo
+from lcsc_ray.run_formats import ResolvedRun, resolve_from_args
+from lcsc_ray.run_formats.nvlabs import reference_stats_from_pickle
+from lcsc_ray.atomic import atomic_write_json
+from lcsc_ray.scoring import ScoringSpec, cached_scorer, load_stack, spec_run
 from lcsc_ray.search.flags import HELDOUT_SEED_OFFSET, parse_args
 from lcsc_ray.search.ray_compat import in_ray_job
 from lcsc_ray.search.monitor import PROGRESS_PLOT, PROGRESS_PLOT_EVERY_S
-from lcsc_ray.search.report import (ScoredCandidate, format_table, plot_best_so_far, plot_coefficients,
-                                    write_results)
+from lcsc_ray.search.report import (SIGNIFICANCE_SE, ScoredCandidate, compare, format_table, plot_best_so_far,
+                                    plot_coefficients, write_results)
 from lcsc_ray.search.trial import PENALTY_SCORE, LcscTrial
 from lcsc_ray.search.tuner import ResultTable, TrialRecord, check_experiment, run_search
 from lcsc_ray.training.demo import ensure_demo_run
 from search_spaces.spaces import CoefficientSpace, build_space
 
 
-def resolve_run_dir(args: argparse.Namespace, kind: str) -> tuple[Path, Path]:
-    """(run folder with run.json, checkpoint folder). No --ckpt-dir: the embedded demo run, trained on
-    first use so `python launch/tune_cm.py` works on a fresh machine."""
+def resolve_run_dir(args: argparse.Namespace, kind: str) -> ResolvedRun:
+    """The run to search and its checkpoints (lcsc_ray/run_formats): our run folder, a run of another code base
+    (detected, or described by --run-json). No --ckpt-dir: the embedded demo run, trained on first use so
+    `python launch/tune_cm.py` works on a fresh machine."""
     if args.ckpt_dir is None:
-        run_dir = ensure_demo_run(kind, quiet=args.quiet)
-        return run_dir, load_run(run_dir).checkpoint_dir
-    ckpt_dir = Path(args.ckpt_dir).expanduser().resolve()
-    if not ckpt_dir.is_dir():
-        raise LcscError(f"--ckpt-dir {ckpt_dir}: no such folder; point it at a training run or its checkpoints")
-    for candidate in (ckpt_dir, ckpt_dir.parent):
-        if (candidate / "run.json").is_file():
-            run = load_run(candidate)
-            return candidate, (run.checkpoint_dir if candidate == ckpt_dir else ckpt_dir)
-    raise LcscError(f"--ckpt-dir {ckpt_dir}: no run.json here or in the parent folder; it says how to rebuild the "
-                    "model (our training scripts write it; see README 'Your own checkpoints')")
+        return resolve_from_args(args, ensure_demo_run(kind, quiet=args.quiet))
+    resolved = resolve_from_args(args, args.ckpt_dir)
+    run = resolved.run
+    if resolved.carried_config is not None and run.kind != kind:
+        raise LcscError(f"--ckpt-dir {args.ckpt_dir}: a {run.kind.upper()} run (convention {run.convention.name}); "
+                        f"search it with launch/tune_{run.kind}.py")
+    return resolved
+
+
+def save_run_json(resolved: ResolvedRun, storage: Path, name: str) -> Path | None:
+    """Keep the run.json of a detected or --run-json run next to the search's experiment folder, as
+    `<storage>/<name>.run.json` (never in the user's run folder; the experiment folder itself belongs to Ray
+    Tune and must not exist before a new search)."""
+    if resolved.carried_config is None:
+        return None
+    path = storage / f"{name}.run.json"
+    atomic_write_json(path, resolved.carried_config)
+    print(f"run.json of this search: {path} (edit it and pass it back with --run-json)")
+    return path
 
 
 def exclude_steps(files: list[CheckpointFile], steps: list[int]) -> list[CheckpointFile]:
@@ -67,11 +83,14 @@ def exclude_steps(files: list[CheckpointFile], steps: list[int]) -> list[Checkpo
 
 
 def reference_stats_path(args: argparse.Namespace, run: RunInfo) -> Path:
-    """--ref-stats, or statistics of the run's training data (computed once and cached)."""
+    """--ref-stats (an EDM2 reference .pkl is converted once, with --trust-pickle), or statistics of the run's
+    training data (computed once and cached)."""
     if args.ref_stats:
-        return Path(args.ref_stats).expanduser().resolve()
+        path = Path(args.ref_stats).expanduser().resolve()
+        return reference_stats_from_pickle(path, args.trust_pickle) if path.suffix == ".pkl" else path
     if "data" not in run.config:
-        raise LcscError(f"{run.run_dir / RUN_JSON} names no training 'data' to compute reference statistics from; "
+        source = run.run_dir / RUN_JSON if run.format == "ours" else f"the {run.format} run {run.run_dir}"
+        raise LcscError(f"{source} names no training 'data' to compute reference statistics from; "
                         "pass --ref-stats FILE.npz (see launch/fid_stats.py) or add \"data\" to run.json")
     return ensure_reference_stats(run.config["data"], args.extractor, device=args.device,
                                   inception_weights=args.inception_weights)
@@ -119,57 +138,46 @@ def _resources(args: argparse.Namespace) -> dict[str, float]:
     return resources
 
 
-@ray.remote(max_retries=2)
-def _heldout_score(spec: ScoringSpec, payload: dict | None, alpha: np.ndarray, seed: int, num_samples: int) -> dict:
-    """Held-out score of one candidate on a Ray worker (the scorer is cached per worker process)."""
-    result = cached_scorer(spec, payload).score(alpha, seed=seed, num_samples=num_samples)
-    return {"score": float(result.score), "metric_name": result.metric_name}
-
-
-@ray.remote
-def _export(spec: ScoringSpec, payload: dict | None, alpha: np.ndarray, out_path: str, metrics: dict,
-            grids: dict[str, np.ndarray], seed: int) -> str:
-    """Export the merged winner where the stack already lives (a worker), in the inputs' format, and write
-    a sample grid (held-out noise) for each profile in `grids` next to it, so the gain can be seen."""
-    scorer = cached_scorer(spec, payload)
-    exported = export_merged(scorer.stack, alpha, out_path, metrics=metrics)
-    for name, grid_alpha in grids.items():
-        scorer.write_samples(grid_alpha, Path(out_path).parent / f"samples_{name}.png", seed=seed)
-    return str(exported)
-
-
 def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
     """Run the whole LCSC job for a CM (`kind="cm"`) or DM run; returns what results.json holds."""
     args = parse_args(argv, kind)
     check_paths_in_ray_job(args)  # before any path is resolved against the job's temporary working directory
     started = time.perf_counter()
 
-    run_dir, ckpt_dir = resolve_run_dir(args, kind)
-    run = load_run(run_dir)
-    files = select_checkpoints(discover_checkpoints(ckpt_dir, args.ckpt_pattern), window=args.window,
-                               interval=args.interval or 1, max_count=args.max_checkpoints)
+    resolved = resolve_run_dir(args, kind)
+    run = resolved.run
+    files = select_checkpoints(resolved.files, window=args.window, interval=args.interval or 1,
+                               max_count=args.max_checkpoints)
     files = exclude_steps(files, args.exclude_steps)
     steps = [f.step for f in files]
     shown = steps if len(steps) <= 8 else [*steps[:4], "...", *steps[-3:]]
-    print(f"checkpoints: {len(files)} from {ckpt_dir}, steps {', '.join(map(str, shown))}")
+    print(f"checkpoints: {len(files)} from {run.checkpoint_dir} ({resolved.trajectory}), steps "
+          f"{', '.join(map(str, shown))}; format {run.format}, convention {run.convention.name}")
 
     ref_stats = reference_stats_path(args, run)
     space = build_space(args.space, len(files), bound=args.bound, sigma=args.sigma)
-    baselines = baseline_profiles(steps, args.ema, args.phema or ())
+    baselines = baseline_profiles(steps, args.ema, args.phema or (), run_ema_warmup(run.config))
 
     sampler_flags = {"nfe": args.nfe, "steps": args.grid_steps, "ts": args.ts, "order": args.order}
     sampler_options = {k: v for k, v in sampler_flags.items() if v is not None}
     spec = ScoringSpec(
-        run_dir=str(run_dir), files=tuple(files), reference_stats=str(ref_stats), extractor=args.extractor,
+        run_dir=str(run.run_dir), files=tuple(files), reference_stats=str(ref_stats), extractor=args.extractor,
         ckpt_key=args.ckpt_key, strip_key_prefix=args.strip_key_prefix, stack_dtype=args.stack_dtype,
         sampler=args.sampler, sampler_options=sampler_options, inception_weights=args.inception_weights,
         batch_size=args.batch_size, device=args.device, threads=max(1, int(args.cpus_per_trial)),
+        run_config=resolved.carried_config, trust_pickle=args.trust_pickle,
     )
 
     storage = Path(args.storage).expanduser().resolve()
     name = experiment_name(args, kind, storage)
     check_experiment(storage, name, resume=args.resume)  # before Ray starts: fail fast, never overwrite
-    print(preflight(spec, run).summary())  # every input checked before an experiment folder exists
+    preview = storage / f"{name}.preview.png" if args.dry_run else None
+    print(preflight(spec, run, preview=preview).summary())  # every input checked before an experiment folder exists
+    save_run_json(resolved, storage, name)
+    if args.dry_run:
+        print(f"dry run: stopped before Ray; samples of the newest checkpoint: {preview}")
+        return {"dry_run": True, "format": run.format, "convention": run.convention.name, "steps": steps,
+                "trajectory": resolved.trajectory, "preview": str(preview)}
     output = Path(args.out).expanduser().resolve() if args.out else storage / name / "final"
     url = start_ray(args.address, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
                     dashboard_port=args.dashboard_port, quiet=args.quiet)
@@ -177,10 +185,12 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
         print(f"Ray dashboard: {url}")
     payload = ray.put(load_stack(spec).to_payload()) if args.stack_via_object_store else None
 
+    rounds = LcscTrial.round_schedule(args.rounds, args.fid_samples, args.scheduler)
     trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, seed=args.noise_seed,
-                                     num_samples=args.fid_samples, stack_payload=payload)
+                                     num_samples=args.fid_samples, stack_payload=payload, rounds=rounds)
     print(f"search: {args.num_trials} trials, optimizer {args.optimizer}, space {space.name} (K={len(files)}), "
-          f"{args.fid_samples} samples per evaluation; experiment {storage / name}")
+          f"{args.fid_samples} samples per evaluation"
+          f"{'' if len(rounds) == 1 else f' in rounds of {rounds} (ASHA stops the worse)'}; experiment {storage / name}")
     print(f"live plot of the search: {storage / name / PROGRESS_PLOT} (redrawn at most every "
           f"{PROGRESS_PLOT_EVERY_S:.0f} s)")
     table = run_search(
@@ -188,6 +198,7 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
         warm_start=baselines, storage=storage, name=name, resume=args.resume,
         max_concurrent=args.max_concurrent, resources=_resources(args), max_failures=args.max_failures,
         progress=not args.quiet, penalty=PENALTY_SCORE, resume_hint=resume_command(argv, kind, name, storage),
+        scheduler=args.scheduler, rounds=rounds, reduction_factor=args.reduction_factor,
     )
     search_seconds = time.perf_counter() - started
     return finish(args, table, space, baselines, steps, spec, payload, output, search_seconds)
@@ -195,30 +206,88 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
 
 def finish(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace, baselines: dict[str, np.ndarray],
            steps: list[int], spec: ScoringSpec, payload: Any, output: Path, search_seconds: float) -> dict[str, Any]:
-    """After the search: held-out re-scoring of the finalists and every baseline (the best of many noisy
-    evaluations is biased low: docs/METHOD.md, Held-out re-scoring), the table, the export, results and plots."""
+    """After the search: every baseline (the run's own baseline checkpoints included), the output-rescaled
+    control and the finalists re-scored on several held-out noise seeds with the searched metric and metrics
+    the search never saw (the best of many noisy evaluations is biased low: docs/METHOD.md, Held-out
+    re-scoring), the table and verdict, the export, results and plots."""
     started = time.perf_counter()
+    run = spec_run(spec)
     searched_baselines = {name: row.score for name, row in table.baselines().items()}
-    candidates = [ScoredCandidate(name, "baseline", alpha, searched_baselines.get(name))
+    candidates = [ScoredCandidate(name, "baseline", searched_baselines.get(name), alpha=alpha)
                   for name, alpha in baselines.items()]
-    candidates += [ScoredCandidate(f"search rank {i + 1} (trial {row.index})", "lcsc", row.alpha, row.score, trial=row.index)
-                   for i, row in enumerate(pick_finalists(table, args.top_k))]
-    heldout_seed = args.noise_seed + HELDOUT_SEED_OFFSET
-    metric_name = rescore_heldout(candidates, spec, payload, args, heldout_seed)
-    winner, best = print_verdict(candidates, metric_name, args)
+    candidates += score_extra_baselines(extra_baselines(run, spec.files), spec, payload, args)
+    candidates.append(fit_control(candidates, spec, payload, args))
+    candidates += [ScoredCandidate(f"search rank {i + 1} (trial {row.index})", "lcsc", row.score, alpha=row.alpha,
+                                   trial=row.index) for i, row in enumerate(pick_finalists(table, args.top_k))]
+    seeds = heldout_seeds(args)
+    plan = eval_plan(args, run)
+    metric_name = rescore_heldout(candidates, spec, payload, args, plan, seeds)
+    winner, best, deciding = print_verdict(candidates, metric_name, args)
     output.mkdir(parents=True, exist_ok=True)
-    exported = export_best(best, winner, candidates, baselines, spec, payload, args, output, metric_name, heldout_seed)
+    exported = export_best(best, winner, candidates, baselines, spec, payload, args, output, metric_name, seeds[0])
     results = build_results(args, table, space, steps, spec, candidates, winner, best, exported, metric_name,
-                            heldout_seed, timings={"search_seconds": search_seconds,
-                                                   "final_seconds": time.perf_counter() - started,
-                                                   "median_trial_stage_seconds": _median_stage_times(table)})
+                            seeds, deciding, timings={"search_seconds": search_seconds,
+                                                      "final_seconds": time.perf_counter() - started,
+                                                      "median_trial_stage_seconds": _median_stage_times(table)})
     write_results(output / "results.json", results)
     plot_best_so_far(output / "best_score_vs_trial.png", [r.score for r in table.rows], metric_name=metric_name,
-                     penalty=PENALTY_SCORE, baselines=searched_baselines)
+                     penalty=PENALTY_SCORE, baselines={c.name: c.search_score for c in candidates
+                                                       if c.kind != "lcsc" and c.search_score is not None})
     plot_coefficients(output / "coefficients_vs_step.png", steps,
                       {"LCSC winner": winner.alpha, **{n: a for n, a in baselines.items() if n.startswith(("ema", "phema"))}})
-    print(f"results: {output / 'results.json'}; merged checkpoint: {exported}; plots and sample grids in {output}")
+    print(f"results: {output / 'results.json'}; exported checkpoint: {exported}; plots and sample grids in {output}")
     return results
+
+
+def heldout_seeds(args: argparse.Namespace) -> list[int]:
+    """The held-out noise seeds: `--heldout-seeds` consecutive seeds from search seed + HELDOUT_SEED_OFFSET."""
+    return [args.noise_seed + HELDOUT_SEED_OFFSET + i for i in range(args.heldout_seeds)]
+
+
+def eval_plan(args: argparse.Namespace, run: RunInfo) -> EvalPlan:
+    """What the held-out evaluation measures besides the searched metric: each `--eval-extractors` with its
+    reference statistics of the run's data (computed once and cached), and precision/recall against the run's
+    training images when run.json names them."""
+    data = run.config.get("data")
+    if args.eval_extractors and data is None:
+        print(f"note: --eval-extractors {','.join(args.eval_extractors)} skipped: the run names no training data "
+              "to compute their reference statistics from")
+    extractors = tuple((name, str(ensure_reference_stats(data, name, device=args.device,
+                                                          inception_weights=args.inception_weights)))
+                       for name in (args.eval_extractors if data is not None else ()))
+    return EvalPlan(extractors=extractors, real_data=data, pr_samples=args.pr_samples,
+                    inception_weights=args.inception_weights)
+
+
+def score_extra_baselines(extra: list[ExtraBaseline], spec: ScoringSpec, payload: Any,
+                          args: argparse.Namespace) -> list[ScoredCandidate]:
+    """The run's baseline checkpoint files (its training EMA...), scored on the search noise with the search's
+    samples, so their search score sits beside every trial's; they are not coefficient vectors, so the
+    optimizer is not told them (the EMA profiles rebuilt from the raw checkpoints are its warm starts)."""
+    if not extra:
+        return []
+    resources = _task_resources(args)
+    scores = ray.get([_score_candidate.options(name=f"lcsc search-noise score: {b.name}", **resources).remote(
+        spec, payload, EvalPlan(), b, None, args.noise_seed, args.fid_samples) for b in extra])
+    candidates = [ScoredCandidate(b.name, "baseline", next(iter(s.values())), checkpoint=b) for b, s in zip(extra, scores)]
+    print("baseline checkpoints of the run, search score: "
+          + ", ".join(f"{c.name} {c.search_score:.4f}" for c in candidates))
+    return candidates
+
+
+def fit_control(candidates: list[ScoredCandidate], spec: ScoringSpec, payload: Any,
+                args: argparse.Namespace) -> ScoredCandidate:
+    """The output-rescaled best baseline: the baseline with the best search score, its samples corrected by
+    x -> clamp(a·x + b) with (a, b) fitted to the searched metric on the search noise. A control, never
+    exported: it shows how much of LCSC's gain a trivial output fix would give (metric gaming check)."""
+    scored = [c for c in candidates if c.search_score is not None and c.search_score < PENALTY_SCORE]
+    base = min(scored, key=lambda c: c.search_score)
+    affine, score = ray.get(_fit_affine.options(name=f"lcsc control fit: {base.name}", **_task_resources(args)).remote(
+        spec, payload, base.source, args.noise_seed, args.fid_samples))
+    print(f"control: {base.name} samples rescaled by clamp({affine.a:.3f}·x {affine.b:+.3f}): search score "
+          f"{base.search_score:.4f} -> {score:.4f}")
+    return ScoredCandidate(f"rescaled {base.name} (control)", "control", score, alpha=base.alpha,
+                           checkpoint=base.checkpoint, transform=affine)
 
 
 def pick_finalists(table: ResultTable, top_k: int) -> list[TrialRecord]:
@@ -239,59 +308,100 @@ def pick_finalists(table: ResultTable, top_k: int) -> list[TrialRecord]:
 
 
 def rescore_heldout(candidates: list[ScoredCandidate], spec: ScoringSpec, payload: Any, args: argparse.Namespace,
-                    seed: int) -> str:
-    """Score every candidate on the held-out noise, on Ray workers (in place); returns the metric's name."""
-    resources = dict(num_cpus=args.cpus_per_trial, num_gpus=args.gpus_per_trial or 0)
-    print(f"held-out scoring: {len(candidates)} candidates x {args.final_samples} samples (noise seed {seed})")
-    heldout = ray.get([_heldout_score.options(name=f"lcsc held-out score: {c.name}", **resources)
-                       .remote(spec, payload, c.alpha, seed, args.final_samples) for c in candidates])
-    for candidate, result in zip(candidates, heldout):
-        candidate.heldout_score = result["score"]
-    return heldout[0]["metric_name"]
+                    plan: EvalPlan, seeds: list[int]) -> str:
+    """Score every candidate on every held-out seed, one Ray task per (candidate, seed), in place; returns the
+    searched metric's name."""
+    print(f"held-out scoring: {len(candidates)} candidates x {len(seeds)} noise seed{'s' if len(seeds) > 1 else ''} x "
+          f"{args.final_samples} samples"
+          + (f"; also {', '.join(name for name, _ in plan.extractors)}" if plan.extractors else "")
+          + ("; precision/recall against the training images" if plan.real_data else ""))
+    started = time.perf_counter()
+    resources = _task_resources(args)
+    futures = [[_score_candidate.options(name=f"lcsc held-out score: {c.name}", **resources).remote(
+        spec, payload, plan, c.source, c.transform, seed, args.final_samples) for seed in seeds] for c in candidates]
+    for candidate, row in zip(candidates, futures):
+        candidate.heldout = ray.get(row)
+    print(f"held-out scoring took {time.perf_counter() - started:.0f} s")
+    return next(iter(candidates[0].heldout[0]))
 
 
 def print_verdict(candidates: list[ScoredCandidate], metric_name: str,
-                  args: argparse.Namespace) -> tuple[ScoredCandidate, ScoredCandidate]:
-    """Print the table and which baselines the LCSC winner beats; (the winner, the best candidate overall).
+                  args: argparse.Namespace) -> tuple[ScoredCandidate, ScoredCandidate, str]:
+    """Print the table and, per metric, which baselines the LCSC winner beats, ties or loses to (paired over
+    the held-out seeds, |Δ| > 2 SE); returns (the winner, the candidate to use, the metric that chose it).
 
-    The best overall is what gets exported: a baseline when the search found nothing better, which the user
-    must hear rather than receive a worse model labelled as the winner."""
+    The winner is the finalist with the best mean searched metric (or, with `--select-on independent`, the
+    first independent distance). The candidate to use (exported) is the
+    best of the winner and the baselines on the first metric the search never saw when there is one, else on
+    the searched metric: a baseline when the search found nothing better, which the user must hear rather than
+    receive a worse model labelled as the winner."""
     baselines = [c for c in candidates if c.kind == "baseline"]
+    controls = [c for c in candidates if c.kind == "control"]
     lcsc = [c for c in candidates if c.kind == "lcsc"]
-    winner = min(lcsc, key=lambda c: c.heldout_score)
+    metrics = list(lcsc[0].heldout[0])
+    distances = [m for m in metrics if not m.startswith(("precision_", "recall_"))]
+    selection = distances[1] if args.select_on == "independent" and len(distances) > 1 else metric_name
+    winner = min(lcsc, key=lambda c: c.mean(selection))
     winner.name = f"LCSC winner (trial {winner.trial})"
-    rows = baselines + [winner] + [c for c in lcsc if c is not winner]
-    print(format_table(rows, metric_name, search_samples=args.fid_samples, final_samples=args.final_samples))
-    beaten = [c.name for c in baselines if winner.heldout_score < c.heldout_score]
-    unbeaten = sorted({c.name for c in baselines} - set(beaten))
-    print(f"LCSC winner beats {len(beaten)}/{len(baselines)} baselines on held-out noise"
-          + (f" (not: {', '.join(unbeaten)})" if unbeaten else ""))
-    best = min(candidates, key=lambda c: c.heldout_score)
-    if best is not winner:
-        print(f"no searched candidate beat {best.name} on held-out noise: exporting {best.name} "
-              "(try more --num-trials, another --optimizer or --space)")
-    return winner, best
+    if selection != metric_name:
+        print(f"winner picked among the finalists on held-out {selection} (--select-on independent)")
+    rows = baselines + controls + [winner] + [c for c in lcsc if c is not winner]
+    print(format_table(rows, winner, metric_name, other_metrics=metrics[1:], search_samples=args.fid_samples,
+                       final_samples=args.final_samples, seeds=len(winner.heldout)))
+    if len(winner.heldout) == 1:
+        print("one held-out seed: no error bars, so every comparison is reported as a tie; pass --heldout-seeds 3 "
+              "or more to tell differences from noise")
+    for metric in distances:
+        verdicts = {c.name: compare(c, winner, metric).verdict for c in baselines + controls}
+        summary = ", ".join(f"{verdict} {len([v for v in verdicts.values() if v == verdict])}"
+                            for verdict in ("beats", "ties", "loses to"))
+        unbeaten = [name for name, verdict in verdicts.items() if verdict != "beats"]
+        print(f"LCSC winner on held-out {metric}{' (searched)' if metric == metric_name else ' (never searched)'}: "
+              f"{summary} of {len(verdicts)} baselines and controls"
+              + (f" (not beaten: {', '.join(unbeaten)})" if unbeaten else ""))
+    best_baseline = min(baselines, key=lambda c: c.mean(metric_name))
+    for metric in distances[1:]:
+        if compare(best_baseline, winner, metric_name).verdict == "beats" and \
+                compare(best_baseline, winner, metric).verdict != "beats":
+            print(f"caution: the LCSC winner beats the best baseline ({best_baseline.name}) on the searched "
+                  f"{metric_name} but not on {metric}, which the search never saw: the gain may fit the search's "
+                  "feature network rather than the data")
+    deciding = distances[1] if len(distances) > 1 else metric_name
+    best = min(baselines + [winner], key=lambda c: c.mean(deciding))
+    if best is winner:
+        print(f"use: the LCSC winner (lowest held-out {deciding} of the winner and the baselines; exported)")
+    else:
+        print(f"use: {best.name}, not the LCSC winner: it has the lowest held-out {deciding} (exported; the winner "
+              f"{compare(best, winner, deciding).verdict} it, paired over {len(winner.heldout)} seeds)")
+    for control in controls:
+        if compare(control, winner, deciding).verdict != "beats":
+            print(f"note: {control.name} is not beaten on {deciding}: much of the gain is an output-scale "
+                  f"correction (clamp({control.transform.a:.3f}·x {control.transform.b:+.3f}))")
+    return winner, best, deciding
 
 
 def export_best(best: ScoredCandidate, winner: ScoredCandidate, candidates: list[ScoredCandidate],
                 baselines: dict[str, np.ndarray], spec: ScoringSpec, payload: Any, args: argparse.Namespace,
                 output: Path, metric_name: str, seed: int) -> str:
     """Export `best` in the inputs' format, with sample grids of the winner, the newest checkpoint and the best
-    baseline on held-out noise beside it; returns the exported path."""
+    baseline on the first held-out noise seed beside it; returns the exported path."""
     merged_name = "lcsc_merged" + spec.files[-1].path.suffix if spec.files[-1].path.is_file() else "lcsc_merged"
-    best_baseline = min((c for c in candidates if c.kind == "baseline"), key=lambda c: c.heldout_score)
+    best_baseline = min((c for c in candidates if c.kind == "baseline"), key=lambda c: c.mean(metric_name))
     grids = {"lcsc_winner": winner.alpha, "newest": baselines["newest"],
-             f"best_baseline_{best_baseline.name}": best_baseline.alpha}
-    return ray.get(_export.options(name=f"lcsc export: {best.name}", num_cpus=args.cpus_per_trial).remote(
-        spec, payload, best.alpha, str(output / merged_name), {metric_name: best.heldout_score}, grids, seed))
+             f"best_baseline_{best_baseline.name}": best_baseline.source}
+    metrics = {metric: best.mean(metric) for metric in best.heldout[0]}
+    return ray.get(_export_candidate.options(name=f"lcsc export: {best.name}", num_cpus=args.cpus_per_trial).remote(
+        spec, payload, best.source, str(output / merged_name), metrics, grids, seed))
 
 
 def build_results(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace, steps: list[int],
                   spec: ScoringSpec, candidates: list[ScoredCandidate], winner: ScoredCandidate,
-                  best: ScoredCandidate, exported: str, metric_name: str, heldout_seed: int,
+                  best: ScoredCandidate, exported: str, metric_name: str, seeds: list[int], deciding: str,
                   timings: dict[str, Any]) -> dict[str, Any]:
-    """What results.json holds: settings, trial counts, every baseline, the winner, the export, timings."""
-    beaten = [c.name for c in candidates if c.kind == "baseline" and winner.heldout_score < c.heldout_score]
+    """What results.json holds: settings, trial counts, every baseline and control with per-seed held-out
+    metrics and paired comparisons to the winner, the winner, the export, timings. `heldout_score` is the
+    mean of the searched metric over the held-out seeds."""
+    beaten = [c.name for c in candidates if c.kind == "baseline" and compare(c, winner, metric_name).verdict == "beats"]
     return {
         "metric": metric_name,
         "search": {"samples": args.fid_samples, "noise_seed": args.noise_seed, "optimizer": args.optimizer,
@@ -299,19 +409,79 @@ def build_results(args: argparse.Namespace, table: ResultTable, space: Coefficie
                    "trials_completed": len(table.rows),
                    "trials_failed": sum(bool(r.metrics.get("failed")) for r in table.rows),
                    "trials_errored": table.num_errored, "experiment": table.experiment_path},
-        "heldout": {"samples": args.final_samples, "noise_seed": heldout_seed},
+        "heldout": {"samples": args.final_samples, "noise_seeds": seeds, "metrics": list(winner.heldout[0]),
+                    "rule": f"beats/loses to: |mean paired difference| > {SIGNIFICANCE_SE:g} standard errors over "
+                            "the seeds, else ties", "deciding_metric": deciding, "winner_selected_on": args.select_on},
         "steps": steps,
         "checkpoints": [str(f.path) for f in spec.files],
-        "baselines": {c.name: {"alpha": c.alpha, "search_score": c.search_score, "heldout_score": c.heldout_score}
-                      for c in candidates if c.kind == "baseline"},
-        "winner": {"alpha": winner.alpha, "steps": steps, "trial": winner.trial, "search_score": winner.search_score,
-                   "heldout_score": winner.heldout_score, "beats": beaten},
-        "exported": {"name": best.name, "kind": best.kind, "alpha": best.alpha, "heldout_score": best.heldout_score,
-                     "checkpoint": exported},
-        "finalists": [{"trial": c.trial, "search_score": c.search_score, "heldout_score": c.heldout_score}
+        "baselines": {c.name: _candidate_json(c, winner) for c in candidates if c.kind == "baseline"},
+        "controls": {c.name: {**_candidate_json(c, winner), "a": c.transform.a, "b": c.transform.b}
+                     for c in candidates if c.kind == "control"},
+        "winner": {**_candidate_json(winner, winner), "steps": steps, "trial": winner.trial, "beats": beaten},
+        "exported": {"name": best.name, "kind": best.kind, "alpha": best.alpha,
+                     "source_checkpoint": None if best.checkpoint is None else str(best.checkpoint.file.path),
+                     "heldout_score": best.mean(metric_name), deciding: best.mean(deciding), "checkpoint": exported},
+        "finalists": [{"trial": c.trial, "search_score": c.search_score, "heldout_score": c.mean(metric_name)}
                       for c in candidates if c.kind == "lcsc"],
         "timings": timings,
     }
+
+
+def _candidate_json(candidate: ScoredCandidate, winner: ScoredCandidate) -> dict[str, Any]:
+    metrics = list(candidate.heldout[0])
+    entry: dict[str, Any] = {"alpha": candidate.alpha, "search_score": candidate.search_score,
+                             "heldout_score": candidate.mean(metrics[0])}
+    if candidate.checkpoint is not None:
+        entry["checkpoint"] = str(candidate.checkpoint.file.path)
+    entry["heldout_metrics"] = {}
+    for metric in metrics:
+        values = {"mean": candidate.mean(metric), "per_seed": candidate.values(metric)}
+        if candidate is not winner:
+            comparison = compare(candidate, winner, metric,
+                                 lower_is_better=not metric.startswith(("precision_", "recall_")))
+            values.update(diff_vs_winner=comparison.diff, se=comparison.se, winner=comparison.verdict)
+        entry["heldout_metrics"][metric] = values
+    return entry
+
+
+def _task_resources(args: argparse.Namespace) -> dict[str, float]:
+    return dict(num_cpus=args.cpus_per_trial, num_gpus=args.gpus_per_trial or 0)
+
+
+@ray.remote(max_retries=2)
+def _score_candidate(spec: ScoringSpec, payload: dict | None, plan: EvalPlan, source: Any,
+                     transform: OutputAffine | None, seed: int, num_samples: int) -> dict[str, float]:
+    """Every metric of `plan` for one candidate on one noise seed, on a Ray worker (scorer and extractors are
+    cached per worker process)."""
+    scorer = cached_scorer(spec, payload)
+    batches = candidate_samples(scorer, source, transform, seed=seed, num_samples=num_samples)
+    return cached_metrics(plan, scorer).score(scorer, batches)
+
+
+@ray.remote(max_retries=2)
+def _fit_affine(spec: ScoringSpec, payload: dict | None, source: Any, seed: int,
+                num_samples: int) -> tuple[OutputAffine, float]:
+    """`fit_output_affine` on a Ray worker."""
+    return fit_output_affine(cached_scorer(spec, payload), source, seed=seed, num_samples=num_samples)
+
+
+@ray.remote
+def _export_candidate(spec: ScoringSpec, payload: dict | None, source: Any, out_path: str, metrics: dict,
+                      grids: dict[str, Any], seed: int) -> str:
+    """Export a candidate where the stack already lives (a worker), in the inputs' format (a baseline file is
+    re-saved as a one-checkpoint combination), and write a sample grid (held-out noise) for each candidate in
+    `grids` next to it, so the gain can be seen."""
+    scorer = cached_scorer(spec, payload)
+    if isinstance(source, ExtraBaseline):
+        single = CheckpointStack.from_files([source.file], ckpt_key=source.ckpt_key, trust_pickle=spec.trust_pickle)
+        exported = export_merged(single, np.ones(1), out_path, metrics=metrics)
+    else:
+        exported = export_merged(scorer.stack, source, out_path, metrics=metrics)
+    for name, grid_source in grids.items():
+        scorer.load_candidate(grid_source)
+        write_sample_grid(scorer.run, scorer.net, Path(out_path).parent / f"samples_{name}.png", seed=seed,
+                          sampler=scorer.sampler)
+    return str(exported)
 
 
 def _median_stage_times(table: ResultTable) -> dict[str, float]:

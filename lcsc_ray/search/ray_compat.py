@@ -59,6 +59,18 @@ def allow_results_without_metric() -> None:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
 
+def json_trial_logs_only() -> list[tune.Callback]:
+    """Stop Tune from adding its CSV and TensorBoard trial loggers and return the JSON one to pass instead.
+
+    Tune writes every result of every trial three times by default; the TensorBoard writer flushes with an
+    fsync on each, which cost a fifth of the driver's time per trial in a profile of short trials. Trial
+    folders keep `params.json` and `result.json` (one JSON object per result), which our tools read."""
+    from ray.tune.logger import JsonLoggerCallback
+
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    return [JsonLoggerCallback()]
+
+
 def allow_pending_trials(count: int) -> None:
     """Let Tune keep `count` trials pending at once. For a searcher that is not wrapped in a
     ConcurrencyLimiter Tune allows one, so a trial waiting for its actor takes the first actor that frees up

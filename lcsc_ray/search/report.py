@@ -1,45 +1,108 @@
-"""What a finished search leaves for the user: the console table, `results.json` and two PNG plots
-(best score vs trial; coefficients vs training step). Written atomically, so an interrupted write never
+"""What a finished search leaves for the user: the console table (held-out means over several noise seeds,
+paired differences to the winner with standard errors, metrics the search never saw), `results.json` and
+two PNG plots (best score vs trial; coefficients vs training step). Written atomically, so an interrupted write never
 leaves a half file next to a finished search."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from lcsc_ray.atomic import atomic_write_json
+from lcsc_ray.baseline_checkpoints import ExtraBaseline
+from lcsc_ray.heldout import OutputAffine
 from lcsc_ray.images import new_figure, save_figure
+
+
+SIGNIFICANCE_SE = 2.0  # a paired difference is called a win or a loss only beyond this many standard errors
 
 
 @dataclass
 class ScoredCandidate:
-    """One row of the final table: a baseline profile or a search finalist, scored twice."""
+    """One row of the final table: a baseline profile, a baseline checkpoint file the run provides, the
+    output-rescaled control, or a search finalist; scored on the search noise and on every held-out seed."""
 
     name: str
-    kind: str  # "baseline" | "lcsc"
-    alpha: np.ndarray
+    kind: str  # "baseline" | "control" | "lcsc"
     search_score: float | None
-    heldout_score: float | None = None
+    alpha: np.ndarray | None = None  # coefficients over the stack (None for a baseline checkpoint file)
+    checkpoint: ExtraBaseline | None = None  # a separate baseline file (lcsc_ray/baseline_checkpoints.py)
+    transform: OutputAffine | None = None  # the control's output correction
     trial: int | None = None
+    heldout: list[dict[str, float]] = field(default_factory=list)  # metrics per held-out seed, in seed order
+
+    @property
+    def source(self) -> np.ndarray | ExtraBaseline:
+        """What the scorer loads: the coefficients or the checkpoint file."""
+        return self.alpha if self.checkpoint is None else self.checkpoint
+
+    def values(self, metric: str) -> np.ndarray:
+        return np.array([scores[metric] for scores in self.heldout], dtype=np.float64)
+
+    def mean(self, metric: str) -> float:
+        return float(self.values(metric).mean())
 
 
-def format_table(rows: Sequence[ScoredCandidate], metric_name: str, *, search_samples: int, final_samples: int) -> str:
-    """Plain-text table: one line per candidate, the winner marked, best held-out score first among LCSC."""
-    header = f"{'candidate':<30} {'search ' + metric_name:>20} {'held-out ' + metric_name:>22}"
-    lines = [
-        f"search score: {search_samples} samples, search noise seed; "
-        f"held-out score: {final_samples} samples, a different noise seed",
-        header,
-        "-" * len(header),
-    ]
+@dataclass(frozen=True)
+class Comparison:
+    """A row against the LCSC winner on one metric, paired over the held-out seeds (same noise for both):
+    `diff` = mean of (row − winner), `se` its standard error (NaN with one seed), `verdict` from the
+    winner's side: "beats" when the row is worse by more than SIGNIFICANCE_SE·SE, "loses to" when better by
+    as much, "ties" otherwise (always with one seed: no error bar, no claim)."""
+
+    diff: float
+    se: float
+    verdict: str
+
+
+def compare(row: ScoredCandidate, winner: ScoredCandidate, metric: str, *, lower_is_better: bool = True) -> Comparison:
+    """Paired comparison of `row` with `winner` on `metric` (see `Comparison`)."""
+    differences = row.values(metric) - winner.values(metric)
+    diff = float(differences.mean())
+    se = float(differences.std(ddof=1) / np.sqrt(len(differences))) if len(differences) > 1 else math.nan
+    worse = diff if lower_is_better else -diff  # > 0: the row is worse than the winner
+    if not math.isfinite(se) or abs(worse) <= SIGNIFICANCE_SE * se:
+        verdict = "ties"
+    else:
+        verdict = "beats" if worse > 0 else "loses to"
+    return Comparison(diff, se, verdict)
+
+
+def format_table(rows: Sequence[ScoredCandidate], winner: ScoredCandidate, metric_name: str, *,
+                 other_metrics: Sequence[str], search_samples: int, final_samples: int, seeds: int) -> str:
+    """Plain-text table: per candidate its search score, then for the searched metric and every metric the
+    search never saw the held-out mean over the seeds and the paired difference to the winner ± its standard
+    error; precision/recall columns (higher is better) show the mean only."""
+    fd_metrics = [metric_name, *[m for m in other_metrics if not m.startswith(("precision_", "recall_"))]]
+    pr_metrics = [m for m in other_metrics if m.startswith(("precision_", "recall_"))]
+    header = f"{'candidate':<34} {'search ' + metric_name:>18}"
+    for metric in fd_metrics:
+        header += f" {metric + ' mean':>22} {'Δ vs winner ± SE':>18}"
+    for metric in pr_metrics:
+        header += f" {metric:>{max(10, len(metric))}}"
+    unseen = f"{', '.join(fd_metrics[1:])} never seen by the search" if fd_metrics[1:] else "no other distance"
+    lines = [f"search score: {search_samples} samples, search noise seed; held-out: {final_samples} samples on each "
+             f"of {seeds} other noise seed{'s' if seeds > 1 else ''} (mean; Δ = row − winner, paired over seeds; "
+             f"lower is better for the distances; {unseen})",
+             header, "-" * len(header)]
     for row in rows:
         search = "-" if row.search_score is None else f"{row.search_score:.4f}"
-        heldout = "-" if row.heldout_score is None else f"{row.heldout_score:.4f}"
-        lines.append(f"{row.name:<30} {search:>20} {heldout:>22}")
+        line = f"{row.name:<34} {search:>18}"
+        for metric in fd_metrics:
+            if row is winner:
+                delta = "(winner)"
+            else:
+                comparison = compare(row, winner, metric)
+                se = "n/a" if not math.isfinite(comparison.se) else f"{comparison.se:.2f}"
+                delta = f"{comparison.diff:+.2f} ± {se}"
+            line += f" {row.mean(metric):>22.4f} {delta:>18}"
+        for metric in pr_metrics:
+            line += f" {row.mean(metric):>{max(10, len(metric))}.3f}"
+        lines.append(line)
     return "\n".join(lines)
 
 

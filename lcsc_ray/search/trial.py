@@ -10,8 +10,12 @@ Three outcomes, kept apart because each needs different handling:
   stops the search with that one line and the trial runs again after `--resume`. Raising instead would make
   Tune retry it as if the worker had died and print its tracebacks.
 
-`LcscTrial` is a class trainable with one `step` per candidate (a function trainable's result polling costs
-more than a demo evaluation); `reset_config` lets Tune reuse the actor, and with it the cached scorer.
+`LcscTrial` is a class trainable with one `step` per round of samples (a function trainable's result polling
+costs more than a demo evaluation); `reset_config` lets Tune reuse the actor, and with it the cached scorer.
+With `--scheduler fifo` a trial is one round of `--fid-samples` samples. With `--scheduler asha` it grows
+through `--rounds` (the same fixed noise, only the new samples generated each round) and reports after each,
+so Tune's scheduler can stop it; every round's `score` is on the full-fidelity scale (`comparable_score`,
+docs/METHOD.md "Multi-fidelity trials"), and that is what the optimizer is told when a trial is stopped.
 Its `__repr__` (trial index, label, stage, last score) is what Ray's dashboard shows in the Actors page's
 Repr column and in the actor's log prefix; Ray takes it once, when the actor has been created.
 """
@@ -20,12 +24,14 @@ from __future__ import annotations
 
 import time
 import traceback
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from ray import tune
 
 from lcsc_ray.errors import LcscError
+from lcsc_ray.evaluator import EvalResult
 from lcsc_ray.scoring import CandidateScorer, ScoringSpec, cached_scorer
 from lcsc_ray.search.candidates import INDEX_KEY, LABEL_KEY, decode_candidate, load_record, save_record
 from search_spaces.spaces import CoefficientSpace
@@ -33,6 +39,40 @@ from search_spaces.spaces import CoefficientSpace
 PENALTY_SCORE = 1.0e6  # far above any Fréchet distance of real images; rank-based optimizers only need "worst"
 INPUT_ERROR_KEY = "lcsc_input_error"
 INPUT_ERROR_REPEAT_S = 1.0  # pause before reporting a known input error again while the driver stops the search
+JACKKNIFE_BLOCKS = 8  # delete-a-block distances per round of a multi-fidelity trial, for the 1/n extrapolation
+FULL_FIDELITY_KEY = "full_fidelity"  # True once a trial scored all --fid-samples samples
+
+
+def round_schedule(rounds: Sequence[int] | None, fid_samples: int, scheduler: str) -> tuple[int, ...]:
+    """The sample counts after each round of a trial: the `rounds` below `fid_samples`, then `fid_samples`
+    (always the last) with an early-stopping scheduler; the single round `fid_samples` with fifo. Counts at
+    or above `fid_samples` are left out, so a preset's rounds do not stand in the way of a smaller
+    --fid-samples (with none left a trial is one round, as with fifo). Bad values name the flag to fix."""
+    if fid_samples < 2:
+        raise LcscError(f"--fid-samples {fid_samples}: a Fréchet distance needs at least 2 samples")
+    counts = [int(n) for n in (rounds or ())]
+    if any(n < 2 for n in counts) or counts != sorted(set(counts)):
+        raise LcscError(f"--rounds {','.join(map(str, counts))}: sample counts must increase and be at least 2, "
+                        f"e.g. --rounds {max(2, fid_samples // 4)},{max(3, fid_samples // 2)} (--fid-samples "
+                        f"{fid_samples} is always the last round)")
+    if scheduler == "fifo":
+        return (int(fid_samples),)
+    return (*(n for n in counts if n < fid_samples), int(fid_samples))
+
+
+def comparable_score(result: EvalResult, full_samples: int) -> float:
+    """A round's `score`: the distance at `full_samples` samples, measured once the trial has them; before,
+    predicted from the round's 1/n line (`RunningScore` with blocks), so a trial stopped early is told on the
+    scale of the complete ones."""
+    if result.num_samples >= full_samples or result.extrapolated is None:
+        return float(result.score)
+    return float(result.extrapolated + result.slope / full_samples)
+
+
+def _failure(report: dict, error: Exception) -> dict:
+    """A candidate's own failure as a penalised, final report (module docstring)."""
+    return {**report, "score": PENALTY_SCORE, "failed": True, FULL_FIDELITY_KEY: True,
+            "error": f"{type(error).__name__}: {error}"[:500], "traceback": traceback.format_exc(limit=3)[-2000:]}
 
 
 def evaluate_candidate(config: dict, *, scoring: ScoringSpec, space: CoefficientSpace, seed: int, num_samples: int,
@@ -49,11 +89,14 @@ def evaluate_candidate(config: dict, *, scoring: ScoringSpec, space: Coefficient
     except LcscError:
         raise  # e.g. a model that does not match the checkpoints: no candidate would do better
     except Exception as error:  # noqa: BLE001 - any candidate-specific failure becomes a penalised result
-        return {**report, "score": PENALTY_SCORE, "failed": True,
-                "error": f"{type(error).__name__}: {error}"[:500],
-                "traceback": traceback.format_exc(limit=3)[-2000:]}
-    report.update({"score": float(result.score), scorer.metric_name: float(result.score), "failed": False,
-                   "num_samples": result.num_samples})
+        return _failure(report, error)
+    return {**report, **_round_report(scorer, result, round_index=0, score=float(result.score), final=True)}
+
+
+def _round_report(scorer: CandidateScorer, result: EvalResult, *, round_index: int, score: float,
+                  final: bool) -> dict:
+    report = {"score": score, scorer.metric_name: float(result.score), "failed": False,
+              "num_samples": result.num_samples, "round": round_index + 1, FULL_FIDELITY_KEY: final}
     report.update({f"time_{stage}": seconds for stage, seconds in result.timings.items()})
     report.update(_gpu_memory(scorer))
     return report
@@ -67,45 +110,87 @@ def _gpu_memory(scorer: CandidateScorer) -> dict[str, float]:
 
 
 class LcscTrial(tune.Trainable):
-    """One candidate per trial: `step` evaluates it (or replays its record) and reports `done`.
+    """One candidate per trial: each `step` evaluates (or replays) one round of its samples; the last round
+    (the only one with `--scheduler fifo`) reports `done`, and a scheduler may stop the trial before.
 
     `stage` says what the actor is doing (setup, loading stack, scoring, replay, input error, idle) so that
     its repr tells a dashboard reader more than "a trial actor"."""
 
     stage = "setup"
     last_score: float | None = None
+    round_schedule = staticmethod(round_schedule)  # for the job, which builds this trainable's `rounds`
 
     def setup(self, config: dict, *, scoring: ScoringSpec, space: CoefficientSpace, seed: int, num_samples: int,
-              stack_payload: dict | None = None) -> None:
-        self.options = dict(scoring=scoring, space=space, seed=seed, num_samples=num_samples,
-                            stack_payload=stack_payload)
+              stack_payload: dict | None = None, rounds: Sequence[int] | None = None) -> None:
+        """`rounds`: sample counts after each round (`round_schedule`); default one round of `num_samples`."""
+        self.scoring, self.space, self.seed, self.stack_payload = scoring, space, seed, stack_payload
+        self.rounds = tuple(rounds) if rounds else (int(num_samples),)
         self._input_error: str | None = None
+        self._start_candidate()
         self.stage = "idle"
+
+    def _start_candidate(self) -> None:
+        self._records: list[dict] | None = None  # this candidate's recorded rounds, read at its first step
+        self._done: list[dict] = []  # the reports of the rounds so far
+        self._rounds_iter: Iterator[EvalResult] | None = None
+        self._candidate: tuple[np.ndarray, str] | None = None  # (α, label)
 
     def step(self) -> dict:
         if self._input_error is not None:  # the driver is stopping the search; do not build the scorer again
             time.sleep(INPUT_ERROR_REPEAT_S)
             return {INPUT_ERROR_KEY: self._input_error}
-        record = load_record(self.config)
-        if record is not None:  # evaluated before a driver was killed: replay, do not evaluate again
-            self.stage, self.last_score = "replay", record.get("score")
-            return {**record, "replayed": True, "done": True}
+        if self._records is None:
+            self._records = load_record(self.config)
+        index = len(self._done)
+        if index < len(self._records):  # evaluated before a driver was killed: replay, do not evaluate again
+            report = self._records[index]
+            self._done.append(report)
+            self.stage, self.last_score = "replay", report.get("score")
+            return {**report, "replayed": True, "done": bool(report.get(FULL_FIDELITY_KEY, True))}
         try:
             self.stage = "loading stack"  # the first candidate of a worker builds its scorer; later ones reuse it
-            cached_scorer(self.options["scoring"], self.options["stack_payload"])
+            scorer = cached_scorer(self.scoring, self.stack_payload)
             self.stage = "scoring"
-            report = evaluate_candidate(self.config, **self.options)
+            report = self._evaluate_round(scorer, index)
         except LcscError as error:
             self._input_error = " ".join(str(error).split())
             self.stage = "input error"
             return {INPUT_ERROR_KEY: self._input_error}
-        save_record(self.config, report)
+        self._done.append(report)
+        save_record(self.config, self._done)
         self.stage, self.last_score = "idle", report["score"]
-        return {**report, "replayed": False, "done": True}
+        return {**report, "replayed": False, "done": bool(report[FULL_FIDELITY_KEY])}
+
+    def _evaluate_round(self, scorer: CandidateScorer, index: int) -> dict:
+        """Round `index` of this candidate. A trial that replayed earlier rounds regenerates their samples
+        (their statistics were in the previous driver's workers) without reporting them again."""
+        if self._candidate is None:  # decoded once per trial, not per round
+            value, label = decode_candidate(self.config)
+            self._candidate = (self.space.to_coefficients(value), label)
+        alpha, label = self._candidate
+        report = {"label": label, "alpha_abs_max": float(np.max(np.abs(alpha)))}
+        try:
+            if self._rounds_iter is None:
+                self._rounds_iter = scorer.score_rounds(alpha, seed=self.seed, rounds=self.rounds,
+                                                        blocks=JACKKNIFE_BLOCKS if len(self.rounds) > 1 else 1)
+                for _ in range(index):
+                    next(self._rounds_iter)
+            result = next(self._rounds_iter)
+        except LcscError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any candidate-specific failure becomes a penalised result
+            return _failure(report, error)
+        final = index == len(self.rounds) - 1
+        report.update(_round_report(scorer, result, round_index=index, score=comparable_score(result, self.rounds[-1]),
+                                    final=final))
+        if result.extrapolated is not None:
+            report.update(fd_extrapolated=result.extrapolated, fd_slope=result.slope)
+        return report
 
     def reset_config(self, new_config: dict) -> bool:
         self.config = new_config
         self._input_error = None
+        self._start_candidate()
         self.stage = "idle"
         return True
 

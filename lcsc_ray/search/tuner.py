@@ -26,11 +26,13 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
+from ray.tune.logger import JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from lcsc_ray.atomic import atomic_write_json
 from lcsc_ray.errors import LcscError, SearchInterrupted
@@ -38,13 +40,14 @@ from lcsc_ray.search.candidates import INDEX_KEY, decode_candidate
 from lcsc_ray.search.monitor import SearchMonitor
 from lcsc_ray.search.optimizers import build_optimizer, resolve_optimizer_name
 from lcsc_ray.search.ray_compat import (allow_pending_trials, allow_results_without_metric, check_ray_version,
-                                        interrupt_tune_run, run_config_of)
+                                        interrupt_tune_run, json_trial_logs_only, run_config_of)
 from lcsc_ray.search.searcher import LcscNevergradSearch, load_searcher
 from search_spaces.spaces import CoefficientSpace
 
 MANIFEST = "lcsc_search.json"
 EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+TIME_ATTR = "num_samples"  # what ASHA's rungs count: samples a trial has scored so far
 TUNE_KEYS = frozenset(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag"}  # Tune's bookkeeping, not the trial's
 
 
@@ -71,6 +74,10 @@ class ResultTable:
     num_errored: int = 0
     told: list[tuple[int, str, float]] = field(default_factory=list)  # (index, label, loss) per optimizer tell
     num_tell_not_asked: int = 0
+
+    def samples_generated(self) -> int:
+        """Samples the trials scored, over all trials (a trial stopped early counts the rounds it ran)."""
+        return sum(int(row.metrics.get("num_samples", 0)) for row in self.rows)
 
     def baselines(self) -> dict[str, TrialRecord]:
         """The warm-start trials by name (without the `baseline:` prefix)."""
@@ -140,6 +147,9 @@ def run_search(
     progress: bool = True,
     penalty: float = float("inf"),
     resume_hint: str | None = None,
+    scheduler: str = "fifo",
+    rounds: Sequence[int] = (),
+    reduction_factor: float = 3.0,
 ) -> ResultTable:
     """Run (or resume) the search to its budget and return its completed trials (module docstring for the
     other endings; `resume_hint` is the command printed for them, by default the flags that name the run).
@@ -148,9 +158,12 @@ def run_search(
     (decode with `decode_candidate`); it must report `metric` (lower is better).
     `warm_start` maps baseline names to α [K]; they are the first trials and are told to the optimizer.
     `resources` is the per-trial request, e.g. {"cpu": 1, "gpu": 0.5}. Ray must already be initialised
-    (or is started locally by Tune).
+    (or is started locally by Tune). `scheduler` "asha" stops trials between the `rounds` (sample counts the
+    trainable reports as `num_samples`; `trial.round_schedule`) that score worse than all but the best
+    1/`reduction_factor` of the trials that reached the same round; "fifo" runs every trial to its end.
     """
     exp_dir = _experiment_dir(storage, name)
+    trial_scheduler = build_scheduler(scheduler, rounds, reduction_factor)
     manifest = check_experiment(storage, name, resume=resume)
     check_ray_version()
     allow_results_without_metric()
@@ -163,6 +176,11 @@ def run_search(
                 f"experiment {name} searched --space {manifest['space']} over {manifest['num_checkpoints']} "
                 f"checkpoints, not {space.name} over {space.num_checkpoints}; resume with the same flags"
             )
+        recorded = (manifest.get("scheduler", "fifo"), manifest.get("rounds", list(rounds)))
+        if recorded != (scheduler, list(rounds)):
+            raise LcscError(f"experiment {name} ran --scheduler {recorded[0]} with rounds {recorded[1]}, not "
+                            f"{scheduler} with {list(rounds)}; resume with the same --scheduler, --rounds and "
+                            "--fid-samples")
         if manifest["num_trials"] != num_trials:
             print(f"note: resuming {name} to its original budget of {manifest['num_trials']} trials")
         budget = manifest["num_trials"]
@@ -188,12 +206,14 @@ def run_search(
             "space": space.name, "num_checkpoints": space.num_checkpoints, "bound": space.bound,
             "sigma": space.sigma, "optimizer": resolve_optimizer_name(optimizer), "seed": seed,
             "num_trials": num_trials, "metric": metric, "warm_start": [label for label, _ in warm],
+            "scheduler": scheduler, "rounds": list(rounds),
         })
         tuner = tune.Tuner(
             wrapped,
             tune_config=tune.TuneConfig(
                 search_alg=searcher, num_samples=num_trials, metric=metric, mode="min", reuse_actors=True,
                 trial_dirname_creator=short_trial_dirname,
+                scheduler=trial_scheduler,
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(exp_dir.parent),
@@ -215,6 +235,20 @@ def run_search(
         grid, monitor = _fit(_restore(exp_dir, wrapped), name, budget, metric, penalty, progress)
         _check_ending(monitor, name, budget, resume_hint)
     return collect_results(grid, space, metric=metric, experiment_path=exp_dir)
+
+
+def build_scheduler(name: str, rounds: Sequence[int], reduction_factor: float) -> TrialScheduler:
+    """Tune's scheduler for `--scheduler`: FIFO (every trial runs to its end) or ASHA, asynchronous successive
+    halving over the sample count (`num_samples`, the trainable's time attribute): rungs at the first round
+    and every `reduction_factor` times more samples, up to the last round. With one round, FIFO."""
+    if name not in ("asha", "fifo"):
+        raise LcscError(f"unknown --scheduler {name!r}; use asha or fifo")
+    if name == "fifo" or len(rounds) < 2:  # one round: nothing to stop between rounds
+        return FIFOScheduler()
+    if reduction_factor <= 1:
+        raise LcscError(f"--reduction-factor {reduction_factor}: must be above 1 (keep the best 1/factor per round)")
+    return ASHAScheduler(time_attr=TIME_ATTR, max_t=int(rounds[-1]), grace_period=int(rounds[0]),
+                         reduction_factor=reduction_factor)
 
 
 def _actor_named(trainable: Callable | type) -> Callable | type:
@@ -288,7 +322,8 @@ def _attach_monitor(tuner: tune.Tuner, name: str, num_trials: int, metric: str, 
     the tuner's run config rather than passed in, the same way for fresh and restored runs."""
     monitor = SearchMonitor(experiment=name, num_trials=num_trials, metric=metric, penalty=penalty, echo=progress)
     run_config = run_config_of(tuner)
-    run_config.callbacks = [c for c in (run_config.callbacks or []) if not isinstance(c, SearchMonitor)] + [monitor]
+    kept = [c for c in (run_config.callbacks or []) if not isinstance(c, (SearchMonitor, JsonLoggerCallback))]
+    run_config.callbacks = kept + [monitor, *json_trial_logs_only()]
     return monitor
 
 

@@ -4,6 +4,9 @@ Training Consistency Models", iCT), on the OpenAI conventions (lcsc_ray/precond.
 Choices (documented in run.json under `training`):
 - Karras σ grid with σ_min 0.002, σ_max 80, ρ 7 and boundary-condition scalings (lcsc_ray/precond.py).
 - Growing discretisation N(k) = min(s₀·2^⌊k/K'⌋, s₁) + 1, K' = ⌊K / (⌊log₂(s₁/s₀)⌋ + 1)⌋ (iCT Eq. 11).
+  With `curriculum_end` = f (a fraction of training) the doublings are spread over the first f·K steps
+  instead, K' = ⌊f·K / ⌈log₂(s₁/s₀)⌉⌋, so N reaches s₁ at step f·K and is held there: the last (1 − f)·K
+  steps train one fixed objective, the window LCSC combines in the digits demo (docs/TRAINING.md).
 - No target EMA: the target is the online network under stop-gradient (iCT Sec. 3.2); a separate training EMA
   is kept for evaluation only (lcsc_ray/training/loop.py).
 - Noise-level index sampled from the discretised log-normal p(i) (iCT Eq. 10, P_mean −1.1, P_std 2.0),
@@ -23,9 +26,13 @@ from lcsc_ray.precond import SigmaConfig, consistency_fn, karras_sigmas, log_nor
 CT_DEFAULTS = {"s0": 10, "s1": 1280, "p_mean": -1.1, "p_std": 2.0}
 
 
-def discretisation_steps(step: int, total_steps: int, s0: int, s1: int) -> int:
-    """N(k), the number of grid points at training step k (iCT Eq. 11, exponential curriculum)."""
-    k_prime = max(1, math.floor(total_steps / (math.floor(math.log2(s1 / s0)) + 1)))
+def discretisation_steps(step: int, total_steps: int, s0: int, s1: int, curriculum_end: float | None = None) -> int:
+    """N(k), the number of grid points at training step k (iCT Eq. 11, exponential curriculum; held at s₁
+    from step `curriculum_end`·K on when that fraction is given)."""
+    if curriculum_end is None:
+        k_prime = max(1, math.floor(total_steps / (math.floor(math.log2(s1 / s0)) + 1)))
+    else:
+        k_prime = max(1, math.floor(curriculum_end * total_steps / max(1, math.ceil(math.log2(s1 / s0)))))
     return min(s0 * 2 ** (step // k_prime), s1) + 1
 
 
@@ -34,7 +41,7 @@ def ct_loss(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """The iCT loss λ(σᵢ)·d(f_θ(x + σᵢ₊₁z, σᵢ₊₁), sg f_θ(x + σᵢz, σᵢ)) averaged over the batch."""
-    n = discretisation_steps(step, total_steps, settings["s0"], settings["s1"])
+    n = discretisation_steps(step, total_steps, settings["s0"], settings["s1"], settings.get("curriculum_end"))
     grid = karras_sigmas(n, sigmas.sigma_min, sigmas.sigma_max, sigmas.rho).flip(0)  # ascending
     probs = log_normal_cdf_weights(grid, settings["p_mean"], settings["p_std"])
     i = torch.multinomial(probs, x0.shape[0], replacement=True, generator=generator)

@@ -24,6 +24,7 @@ from lcsc_ray.errors import LcscError
 from lcsc_ray.images import write_sample_grid
 from lcsc_ray.models import build_model
 from lcsc_ray.precond import SigmaConfig
+from lcsc_ray.profiles import EMA_WARMUP, ema_decay_at
 from lcsc_ray.run_folder import DONE_JSON, RUN_JSON, load_run, validate_config
 from lcsc_ray.training.checkpointing import resume, save_checkpoint
 from lcsc_ray.training.ct import CT_DEFAULTS, ct_loss
@@ -35,8 +36,12 @@ LOSSES = {"cm": (ct_loss, CT_DEFAULTS), "dm": (edm_loss, DM_DEFAULTS)}
 def make_config(
     kind: str, *, data: str, steps: int, save_every: int, batch_size: int, lr: float, seed: int,
     model_kwargs: dict[str, Any], ema_decay: float, warmup: int, factory: str = "unet",
+    loss_settings: dict[str, Any] | None = None,
 ) -> dict:
-    """run.json content for a new run (image shape filled in by `train` from the data)."""
+    """run.json content for a new run (image shape filled in by `train` from the data). `loss_settings`
+    override the loss's defaults (e.g. the CT curriculum's `s1` and `curriculum_end`). `ema_warmup` records
+    the training EMA's decay schedule, so profiles rebuilt from the raw checkpoints can follow it
+    (lcsc_ray/profiles.py)."""
     for flag, value in (("--steps", steps), ("--save-every", save_every), ("--batch-size", batch_size)):
         if value < 1:
             raise LcscError(f"{flag} {value}: must be at least 1")
@@ -51,7 +56,8 @@ def make_config(
         "precond": SigmaConfig().to_dict(),
         "training": {
             "steps": steps, "save_every": save_every, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "ema_decay": ema_decay, "warmup": warmup, "loss": "ict" if kind == "cm" else "edm", **LOSSES[kind][1],
+            "ema_decay": ema_decay, "ema_warmup": EMA_WARMUP, "warmup": warmup,
+            "loss": "ict" if kind == "cm" else "edm", **LOSSES[kind][1], **(loss_settings or {}),
         },
     }
 
@@ -140,8 +146,9 @@ def _train(run_dir: Path, config: dict, quiet: bool, device: torch.device) -> di
 @torch.no_grad()
 def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float, step: int) -> None:
     """θ_ema ← β·θ_ema + (1−β)·θ with β = min(decay, (1+k)/(10+k)) (warm-up as in TF's
-    ExponentialMovingAverage with num_updates), so early averages are not dominated by the initial weights."""
-    beta = min(decay, (1 + step) / (10 + step))
+    ExponentialMovingAverage with num_updates, `EMA_WARMUP`), so early averages are not dominated by the
+    initial weights. Note the warm-up is long: β stays below 0.999 until k ≈ 9,000."""
+    beta = ema_decay_at(decay, step, EMA_WARMUP)
     for e, p in zip(ema.parameters(), net.parameters()):
         e.lerp_(p, 1.0 - beta)
     for e, b in zip(ema.buffers(), net.buffers()):
