@@ -24,6 +24,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DIGITS_MAX = 16.0  # sklearn's digits are counts of set pixels in 4x4 blocks: 0..16
 
 
+def dataset_exists(spec: str) -> bool:
+    """Whether `spec` names a dataset `load_images` can read (checked on the driver, before workers need it)."""
+    if spec == "digits":
+        return True
+    path = Path(spec.split(":", 1)[1] if spec.startswith("cifar10:") else spec).expanduser()
+    return path.is_dir() or (path.suffix == ".npz" and path.is_file())
+
+
 def load_images(spec: str) -> torch.Tensor:
     """Load the dataset named by `spec` (see module docstring) as float32 [N, C, H, W] in [-1, 1]."""
     if spec == "digits":

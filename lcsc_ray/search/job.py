@@ -22,6 +22,7 @@ from ray import tune
 from lcsc_ray.baseline_checkpoints import ExtraBaseline, extra_baselines
 from lcsc_ray.checkpoints import CheckpointFile, select_checkpoints
 from lcsc_ray.cluster import start_ray
+from lcsc_ray.data import dataset_exists
 from lcsc_ray.errors import LcscError
 from lcsc_ray.export import export_merged
 from lcsc_ray.heldout import (EvalPlan, OutputAffine, cached_metrics, candidate_samples, fit_output_affine)
@@ -249,7 +250,11 @@ def eval_plan(args: argparse.Namespace, run: RunInfo) -> EvalPlan:
     reference statistics of the run's data (computed once and cached), and precision/recall against the run's
     training images when run.json names them."""
     data = run.config.get("data")
-    if args.eval_extractors and data is None:
+    if data is not None and not dataset_exists(data):
+        print(f"note: the run's training data {data!r} is not readable here: no precision/recall"
+              + (f" and no {','.join(args.eval_extractors)}" if args.eval_extractors else ""))
+        data = None
+    elif args.eval_extractors and data is None:
         print(f"note: --eval-extractors {','.join(args.eval_extractors)} skipped: the run names no training data "
               "to compute their reference statistics from")
     extractors = tuple((name, str(ensure_reference_stats(data, name, device=args.device,
