@@ -153,6 +153,12 @@ def discover_checkpoints(directory: str | Path, pattern: str | None = None) -> l
     return [found[step] for step in sorted(found)]
 
 
+def format_steps(steps: Sequence[int]) -> str:
+    """The steps as the consoles print them: all of up to 8, else the first 4, "...", and the last 3."""
+    shown = list(steps) if len(steps) <= 8 else [*steps[:4], "...", *steps[-3:]]
+    return ", ".join(map(str, shown))
+
+
 def select_checkpoints(files: Sequence[CheckpointFile], *, window: int | None = None, interval: int = 1,
                        max_count: int | None = None) -> list[CheckpointFile]:
     """Pick checkpoints the way the paper's settings are stated (docs/METHOD.md: "window 40K,

@@ -56,6 +56,14 @@ def _records(exp_dir: Path) -> int:
     return len(list((exp_dir / "candidates").glob("*.result.json")))
 
 
+def _resume_to_completion(args: list[str], tmp_path: Path, env: dict, exp_dir: Path, num_trials: int) -> None:
+    """Run the search again with --resume; it must finish every trial with none errored."""
+    code = run_driver([*args, "--resume"], tmp_path / "resume.log", env=env)
+    assert code == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    results = _results(exp_dir)
+    assert results["search"]["trials_completed"] == num_trials and results["search"]["trials_errored"] == 0
+
+
 def test_ctrl_c_stops_without_a_result_and_the_printed_command_resumes(tiny_cm_run, tmp_path):
     storage, name, num_trials = tmp_path / "storage", "ctrlc", 30
     exp_dir = storage / name
@@ -138,10 +146,7 @@ def test_kill_9_twice_then_resume_evaluates_nothing_twice(tiny_cm_run, tmp_path)
         finally:
             kill_session(driver.pid)  # Ray's two agents outlive their raylet for about a minute: stop them
 
-    code = run_driver([*args, "--resume"], tmp_path / "resume.log", env=env)
-    assert code == 0, (tmp_path / "resume.log").read_text()[-3000:]
-    results = _results(exp_dir)
-    assert results["search"]["trials_completed"] == num_trials and results["search"]["trials_errored"] == 0
+    _resume_to_completion(args, tmp_path, env, exp_dir, num_trials)
     evaluated, replayed = _evaluations(exp_dir)
     assert replayed >= 1, "the kills landed after Ray's last saved state, so some evaluations must be replayed"
     assert evaluated <= num_trials + kills * concurrent, (evaluated, replayed)
@@ -183,10 +188,7 @@ def test_kill_9_mid_round_of_an_asha_search_then_resume_evaluates_no_round_twice
         driver.wait()
     finally:
         kill_session(driver.pid)
-    code = run_driver([*args, "--resume"], tmp_path / "resume.log", env=env)
-    assert code == 0, (tmp_path / "resume.log").read_text()[-3000:]
-    results = _results(exp_dir)
-    assert results["search"]["trials_completed"] == num_trials and results["search"]["trials_errored"] == 0
+    _resume_to_completion(args, tmp_path, env, exp_dir, num_trials)
     evaluated, replayed = _round_evaluations(exp_dir)
     assert replayed >= 1, "the kill landed after Ray's last saved state, so some rounds must be replayed"
     assert max(evaluated.values()) == 1, [key for key, count in evaluated.items() if count > 1]

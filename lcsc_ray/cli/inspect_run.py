@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lcsc_ray.atomic import atomic_write_json
-from lcsc_ray.checkpoints import load_checkpoint
+from lcsc_ray.checkpoints import format_steps, load_checkpoint
 from lcsc_ray.devices import resolve_device
 from lcsc_ray.errors import run_cli
 from lcsc_ray.images import write_sample_grid
@@ -53,10 +53,9 @@ def main(argv: list[str] | None = None) -> Path:
     net.load_state_dict(load_checkpoint(files[-1], trust_pickle=args.trust_pickle).state_dict, strict=True)
     net = net.to(device).requires_grad_(False)
     steps = [f.step for f in files]
-    shown = steps if len(steps) <= 8 else [*steps[:4], "...", *steps[-3:]]
     print(f"format: {run.format}; convention: {run.convention.name} ({run.kind}); checkpoint folder {run.checkpoint_dir}")
     print(f"trajectories: {', '.join(f'{n} ({len(f)})' for n, f in sorted(resolved.trajectories.items()))}; "
-          f"selected {resolved.trajectory}: {len(files)} checkpoints, steps {', '.join(map(str, shown))}")
+          f"selected {resolved.trajectory}: {len(files)} checkpoints, steps {format_steps(steps)}")
     num_params = sum(t.numel() for t in net.state_dict().values() if torch.is_floating_point(t))
     classes = run.convention.num_classes
     print(f"network: {type(net).__name__}, {num_params:,} parameters, images {list(run.image_shape)}"

@@ -20,7 +20,7 @@ import ray
 from ray import tune
 
 from lcsc_ray.baseline_checkpoints import ExtraBaseline, extra_baselines
-from lcsc_ray.checkpoints import CheckpointFile, select_checkpoints
+from lcsc_ray.checkpoints import CheckpointFile, format_steps, select_checkpoints
 from lcsc_ray.cluster import start_ray
 from lcsc_ray.data import dataset_exists
 from lcsc_ray.errors import LcscError
@@ -151,9 +151,8 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
                                max_count=args.max_checkpoints)
     files = exclude_steps(files, args.exclude_steps)
     steps = [f.step for f in files]
-    shown = steps if len(steps) <= 8 else [*steps[:4], "...", *steps[-3:]]
     print(f"checkpoints: {len(files)} from {run.checkpoint_dir} ({resolved.trajectory}), steps "
-          f"{', '.join(map(str, shown))}; format {run.format}, convention {run.convention.name}")
+          f"{format_steps(steps)}; format {run.format}, convention {run.convention.name}")
 
     ref_stats = reference_stats_path(args, run)
     space = build_space(args.space, len(files), bound=args.bound, sigma=args.sigma)
