@@ -37,6 +37,7 @@ from lcsc_ray.search.flags import HELDOUT_SEED_OFFSET
 from lcsc_ray.search.trial import FULL_FIDELITY_KEY, PENALTY_SCORE, LcscTrial, round_schedule
 from lcsc_ray.search.tuner import ResultTable, run_search
 from lcsc_ray.training.demo import ensure_demo_run
+from lcsc_ray.search.objective import SearchObjective
 from search_spaces import load_preset
 from search_spaces.spaces import build_space
 
@@ -65,7 +66,8 @@ def search(setup: dict, storage: str, *, seed: int, scheduler: str, rounds: tupl
            reduction_factor: float) -> dict:
     """One search: its result table, wall seconds, and from the candidate store (which holds every round's
     report, where the table holds each trial's last) the seconds of each round's own work by stage."""
-    trainable = tune.with_parameters(LcscTrial, scoring=setup["spec"], space=setup["space"], seed=0,
+    trainable = tune.with_parameters(LcscTrial, scoring=setup["spec"], space=setup["space"],
+                                     objective=SearchObjective(),
                                      num_samples=rounds[-1], rounds=rounds)
     name = f"{setup['kind']}-{scheduler}-{seed}"
     start = time.perf_counter()

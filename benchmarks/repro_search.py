@@ -27,6 +27,7 @@ from lcsc_ray.scoring import ScoringSpec, cached_scorer
 from lcsc_ray.search.job import HELDOUT_SEED_OFFSET, run_job
 from lcsc_ray.search.optimizers import build_optimizer
 from lcsc_ray.search.searcher import LcscNevergradSearch, decode_candidate
+from lcsc_ray.search.objective import SearchObjective
 from lcsc_ray.search.trial import evaluate_candidate
 from search_spaces import build_space, load_preset
 
@@ -118,7 +119,8 @@ def ask_tell_search(optimizer: str, seed: int, trials: int, num_samples: int, fi
                                        warm_start=[(n, space.to_value(a)) for n, a in warm.items()])
         for index in range(trials):
             config = searcher.suggest(str(index))
-            report = evaluate_candidate(config, scoring=spec, space=space, seed=NOISE_SEED, num_samples=num_samples)
+            report = evaluate_candidate(config, scoring=spec, space=space,
+                                        objective=SearchObjective(noise_seed=NOISE_SEED), num_samples=num_samples)
             searcher.on_trial_complete(str(index), report)
             told.append(float(report["score"]))
             if report["score"] < best[0]:

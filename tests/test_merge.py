@@ -312,6 +312,19 @@ def test_cli_exports_profile_and_coefficients(tmp_path, capsys, monkeypatch):
     assert code == 2 and "written for steps [350, 500, 800] but the selection is [100, 200, 350, 500, 800]" in err
 
 
+def test_cli_ema_profile_follows_the_runs_recorded_ema_warmup(tiny_cm_run, tmp_path, capsys, monkeypatch):
+    """A run of ours records its EMA warm-up; `--profile ema_<decay>` must rebuild that EMA, not the plain one."""
+    warmup = json.loads((tiny_cm_run / "run.json").read_text())["training"]["ema_warmup"]
+    code, out, err = run_cli(capsys, monkeypatch, tiny_cm_run / "checkpoints", "--profile", "ema_0.99",
+                             "--out", tmp_path / "ema.safetensors")
+    assert code == 0, err
+    assert "with the run's EMA warm-up" in out
+    steps = [f.step for f in discover_checkpoints(tiny_cm_run / "checkpoints")]
+    sidecar = json.loads((tmp_path / "ema.safetensors.json").read_text())
+    np.testing.assert_allclose(sidecar["coefficients"], ema_profile(steps, 0.99, warmup))
+    assert not np.allclose(sidecar["coefficients"], ema_profile(steps, 0.99))
+
+
 def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys, monkeypatch):
     write_run(tmp_path / "run", STEPS)
     cases = [

@@ -7,7 +7,7 @@ optimizer is still told every candidate.
 - On the tiny trained CM run: the last round's score is exactly the one-shot score, and the extrapolated
   score of the first round ranks the candidates as their full-fidelity scores do, closer than the raw one.
 - A real ASHA search on that run stops some trials, tells each of them once with its comparable score,
-  generates fewer samples than full fidelity, and refuses a resume with other rounds.
+  generates fewer samples than full fidelity, and refuses a resume with other rounds or another told score.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from lcsc_ray.search.flags import parse_args
 from lcsc_ray.search.trial import FULL_FIDELITY_KEY, PENALTY_SCORE, LcscTrial, comparable_score, round_schedule
 from lcsc_ray.search.tuner import run_search
 from lcsc_ray.statistics import RunningStats
+from lcsc_ray.search.objective import SearchObjective
 from search_spaces.spaces import build_space
 
 ROUNDS = (100, 200, 400)
@@ -141,8 +142,8 @@ def local_ray():
 
 def test_asha_search_stops_trials_and_tells_each_with_its_comparable_score(local_ray, tiny_setup, tmp_path):
     spec, space, alphas = tiny_setup
-    trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, seed=0, num_samples=ROUNDS[-1],
-                                     rounds=ROUNDS)
+    trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, objective=SearchObjective(),
+                                     num_samples=ROUNDS[-1], rounds=ROUNDS)
     num_trials = 14
     table = run_search(trainable, space, optimizer="CMA", num_trials=num_trials, seed=0,
                        warm_start={"newest": alphas[0], "uniform": alphas[1]}, storage=tmp_path, name="asha",
@@ -164,3 +165,7 @@ def test_asha_search_stops_trials_and_tells_each_with_its_comparable_score(local
     with pytest.raises(LcscError, match="same --scheduler"):
         run_search(trainable, space, optimizer="CMA", num_trials=num_trials, seed=0, storage=tmp_path, name="asha",
                    resume=True, progress=False, scheduler="fifo", rounds=(ROUNDS[-1],))
+    with pytest.raises(LcscError, match="--coef-penalty 0, not 0 and 1; resume with the same flags"):
+        run_search(trainable, space, optimizer="CMA", num_trials=num_trials, seed=0, storage=tmp_path, name="asha",
+                   resume=True, progress=False, scheduler="asha", rounds=ROUNDS,
+                   objective=SearchObjective(coef_penalty=1.0))

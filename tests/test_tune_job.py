@@ -12,6 +12,7 @@ import ray
 from safetensors.torch import load_file
 
 from lcsc_ray.checkpoints import discover_checkpoints
+from lcsc_ray.errors import LcscError
 from lcsc_ray.evaluator import Evaluator
 from lcsc_ray.features import build_extractor
 from lcsc_ray.noise import FixedNoise
@@ -23,6 +24,7 @@ from lcsc_ray.search.job import run_job
 from lcsc_ray.search.trial import PENALTY_SCORE, LcscTrial
 from lcsc_ray.search.tuner import run_search
 from lcsc_ray.profiles import newest_profile
+from lcsc_ray.search.objective import SearchObjective
 from ray import tune
 from search_spaces import load_preset
 from search_spaces.spaces import build_space
@@ -122,7 +124,8 @@ def test_a_nan_candidate_is_penalised_and_the_search_goes_on(local_ray, tiny_cm_
     space = build_space("full", len(files), bound=1e31)
     explosive = np.zeros(len(files))
     explosive[-1], explosive[-2] = 1e30, -1e30
-    trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, seed=0, num_samples=200)
+    trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, objective=SearchObjective(),
+                                     num_samples=200)
     table = run_search(trainable, space, optimizer="OnePlusOne", num_trials=6, seed=0,
                        warm_start={"newest": newest_profile(len(files)), "explosive": explosive},
                        storage=tmp_path, name="nan", resources={"cpu": 1}, progress=False, penalty=PENALTY_SCORE)
@@ -132,3 +135,33 @@ def test_a_nan_candidate_is_penalised_and_the_search_goes_on(local_ray, tiny_cm_
     assert "NonFinite" in rows["explosive"].metrics["error"] or "finite" in rows["explosive"].metrics["error"].lower()
     assert rows["newest"].metrics["failed"] is False and rows["newest"].score < PENALTY_SCORE
     assert ("baseline:explosive", PENALTY_SCORE) in [(label, loss) for _, label, loss in table.told]
+
+
+def test_batched_trials_tell_every_candidate_with_its_own_score(local_ray, tiny_cm_run, tmp_path):
+    """Four candidates per Tune trial (one of them failing): 14 candidates in 4 trials, every candidate a row
+    and one tell with its own score, and a resume with another batch size refused."""
+    run = load_run(tiny_cm_run)
+    files = tuple(discover_checkpoints(run.checkpoint_dir))
+    spec = ScoringSpec(run_dir=str(tiny_cm_run), files=files, extractor="digits", batch_size=200, threads=1,
+                       reference_stats=str(ensure_reference_stats("digits", "digits")))
+    space = build_space("full", len(files), bound=1e31)
+    explosive = np.zeros(len(files))
+    explosive[-1], explosive[-2] = 1e30, -1e30
+    trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, objective=SearchObjective(),
+                                     num_samples=200)
+    table = run_search(trainable, space, optimizer="CMA", num_trials=14, seed=0,
+                       warm_start={"newest": newest_profile(len(files)), "explosive": explosive},
+                       storage=tmp_path, name="batched", resources={"cpu": 1}, progress=False, penalty=PENALTY_SCORE,
+                       candidates_per_trial=4)
+    assert [row.index for row in table.rows] == list(range(14)) and table.num_errored == 0
+    assert len({row.trial_id for row in table.rows}) == 4  # 4 + 4 + 4 + 2
+    assert sorted(index for index, _, _ in table.told) == list(range(14))
+    told = {index: loss for index, _, loss in table.told}
+    assert all(told[row.index] == pytest.approx(row.score) for row in table.rows)
+    assert len({row.score for row in table.rows}) > 10  # own scores, not the batch's best repeated
+    rows = table.baselines()
+    assert rows["explosive"].metrics["failed"] is True and rows["explosive"].score == PENALTY_SCORE
+    assert rows["newest"].score < PENALTY_SCORE and rows["newest"].metrics["num_samples"] == 200
+    with pytest.raises(LcscError, match="--candidates-per-trial 4, not 2"):
+        run_search(trainable, space, optimizer="CMA", num_trials=14, seed=0, storage=tmp_path, name="batched",
+                   resume=True, progress=False, candidates_per_trial=2)

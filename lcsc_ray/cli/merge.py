@@ -21,7 +21,8 @@ import torch
 from lcsc_ray.checkpoints import CheckpointFile, discover_checkpoints, select_checkpoints
 from lcsc_ray.errors import LcscError
 from lcsc_ray.export import export_merged
-from lcsc_ray.profiles import named_profile
+from lcsc_ray.profiles import named_profile, run_ema_warmup
+from lcsc_ray.run_folder import RUN_JSON, read_run_json
 from lcsc_ray.run_formats import detect_format, select_trajectory
 from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack
 
@@ -96,6 +97,15 @@ def run_checkpoints(args: argparse.Namespace) -> list[CheckpointFile]:
     return trajectories[select_trajectory(trajectories, args.ckpt_select, folder)]
 
 
+def recorded_ema_warmup(folder: Path) -> str | None:
+    """The EMA warm-up the run.json of our run folder records (in the folder or its parent, as the tune job
+    finds it), so `--profile ema_<decay>` rebuilds the EMA the training loop kept; None elsewhere."""
+    for candidate in (folder / RUN_JSON, folder.parent / RUN_JSON):
+        if candidate.is_file():
+            return run_ema_warmup(read_run_json(candidate))
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -108,7 +118,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.out is None:
         raise LcscError("--out is required to export a merged checkpoint")
-    alpha = named_profile(args.profile, steps) if args.profile else read_coefficients(args.coefficients, steps)
+    if args.profile:
+        warmup = recorded_ema_warmup(Path(args.checkpoint_dir).expanduser().resolve())
+        alpha = named_profile(args.profile, steps, warmup)
+        if warmup and args.profile.startswith("ema_"):
+            print(f"{args.profile}: with the run's EMA warm-up ({warmup}), as its training loop kept it")
+    else:
+        alpha = read_coefficients(args.coefficients, steps)
     if alpha.shape != (len(steps),):
         raise LcscError(f"--coefficients: {alpha.size} values for {len(steps)} selected checkpoints")
     stack = CheckpointStack.from_files(files, ckpt_key=args.ckpt_key, device=args.device,

@@ -6,7 +6,7 @@ module exposes `build(*, device, inception_weights) -> FeatureExtractor` (or ano
 named for what it is: only InceptionV3 pool3 features with the FID weights give an "fid"; the same network
 with random weights (`inception-random`, for timing checks) gives "fd_inception_random", the digits
 classifier "fd_digits", and the second, independently trained digits classifier "fd_digits_indep" (used to
-check the search's result on features it never saw).
+check the search's result on features it never saw), and the images themselves "fd_pixels".
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ EXTRACTORS: dict[str, str] = {
     "inception-random": "lcsc_ray.features.inception:build_random",
     "digits": "lcsc_ray.features.digits",
     "digits_indep": "lcsc_ray.features.digits_indep",
+    "pixels": "lcsc_ray.features.pixels",
 }
 
 

@@ -3,7 +3,8 @@
 `<experiment>/candidates/<index:06d>-<digest>.npy` holds the value (float64 [D]) of suggestion number
 `index`; `<digest>` is a prefix of the SHA-256 of its bytes, so a file that was damaged or replaced is an
 error, never a silently different α, and two values never share a file. A trial config carries only that
-path, its label and its index: Ray copies every config several times into the experiment state it rewrites
+path, its label and its index (a trial of several candidates, `batch_config`, carries one such entry per
+candidate): Ray copies every config several times into the experiment state it rewrites
 at each checkpoint, and a path costs the same at any K.
 
 Next to a value, `<index:06d>-<digest>.result.json` is written (atomically) by the trial as soon as an
@@ -31,6 +32,7 @@ LABEL_KEY = "lcsc_label"
 INDEX_KEY = "lcsc_index"
 SEARCH_LABEL = "search"
 BASELINE_PREFIX = "baseline:"
+BATCH_KEY = "lcsc_batch"  # a trial of several candidates: their configs, in suggestion order
 CANDIDATES_DIR = "candidates"  # inside the experiment folder
 RECORD_SUFFIX = ".result.json"
 DIGEST_CHARS = 16  # 64 bits of SHA-256: enough to tell values apart, short enough for many copies per trial
@@ -83,6 +85,18 @@ def decode_candidate(config: dict) -> tuple[np.ndarray, str]:
             f"LcscNevergradSearch (keys: {sorted(config)})"
         ) from None
     return _load_value(path), label
+
+
+def batch_config(configs: list[dict]) -> dict:
+    """The config of a trial that evaluates several candidates (`--candidates-per-trial`): the first one's keys
+    (its index and label name the trial in the dashboard and the progress plot) and all of them under
+    `BATCH_KEY`."""
+    return {**configs[0], BATCH_KEY: list(configs)} if len(configs) > 1 else configs[0]
+
+
+def candidate_configs(config: dict) -> list[dict]:
+    """The candidates' own configs of a trial config, one for a single-candidate trial."""
+    return list(config[BATCH_KEY]) if BATCH_KEY in config else [config]
 
 
 def _record_path(candidate_path: str | os.PathLike) -> Path:

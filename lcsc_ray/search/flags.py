@@ -127,6 +127,17 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=rounds_list, default=[],
                    help="with --scheduler asha: sample counts after each round of a trial, comma separated, e.g. "
                    "500,1000,2000; --fid-samples is always the last round, and counts at or above it are left out")
+    g.add_argument("--candidates-per-trial", type=int, default=1,
+                   help="candidates the optimizer asks together and one Ray Tune trial scores, one after another "
+                   "(each is told with its own score; --num-trials still counts candidates). Amortises Tune's "
+                   "per-trial cost when a candidate takes a fraction of a second, as on a GPU; needs "
+                   "--scheduler fifo (docs/METHOD.md, Batched trials)")
+    g.add_argument("--coef-penalty", type=float, default=0.0,
+                   help="add this times (Σ|α| − 1) to every searched score: 0 for convex combinations, growing with "
+                   "the negative mass of extrapolation (docs/METHOD.md, Overfitting the searched metric)")
+    g.add_argument("--fresh-noise-every", type=int, default=0,
+                   help="draw new search noise every N trials (a generation of the optimizer); 0: one fixed noise "
+                   "draw for the whole search")
     g.add_argument("--reduction-factor", type=float, default=3.0,
                    help="with --scheduler asha: at each round only the best 1/factor of the trials go on")
     g = parser.add_argument_group("where and on what")
@@ -186,6 +197,9 @@ def parse_args(argv: list[str] | None, kind: str) -> argparse.Namespace:
     parser.set_defaults(**values)
     args = parser.parse_args(argv)
     check_heldout_flags(args)
+    if args.candidates_per_trial < 1 or (args.candidates_per_trial > 1 and args.scheduler != "fifo"):
+        raise LcscError(f"--candidates-per-trial {args.candidates_per_trial}: must be 1, or more with --scheduler fifo "
+                        "(a batch trial scores its candidates at full fidelity; ASHA stops single candidates)")
     return args
 
 

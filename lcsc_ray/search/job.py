@@ -39,6 +39,7 @@ from lcsc_ray.scoring import ScoringSpec, cached_scorer, load_stack, spec_run
 from lcsc_ray.search.flags import HELDOUT_SEED_OFFSET, parse_args
 from lcsc_ray.search.ray_compat import in_ray_job
 from lcsc_ray.search.monitor import PROGRESS_PLOT, PROGRESS_PLOT_EVERY_S
+from lcsc_ray.search.objective import SearchObjective
 from lcsc_ray.search.report import (SIGNIFICANCE_SE, ScoredCandidate, compare, format_table, plot_best_so_far,
                                     plot_coefficients, write_results)
 from lcsc_ray.search.trial import PENALTY_SCORE, LcscTrial
@@ -143,6 +144,8 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
     """Run the whole LCSC job for a CM (`kind="cm"`) or DM run; returns what results.json holds."""
     args = parse_args(argv, kind)
     check_paths_in_ray_job(args)  # before any path is resolved against the job's temporary working directory
+    objective = SearchObjective(noise_seed=args.noise_seed, fresh_noise_every=args.fresh_noise_every,
+                                coef_penalty=args.coef_penalty)  # checks its flags before any training or loading
     started = time.perf_counter()
 
     resolved = resolve_run_dir(args, kind)
@@ -178,6 +181,7 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
         print(f"dry run: stopped before Ray; samples of the newest checkpoint: {preview}")
         return {"dry_run": True, "format": run.format, "convention": run.convention.name, "steps": steps,
                 "trajectory": resolved.trajectory, "preview": str(preview)}
+    plan = eval_plan(args, run)  # the final evaluation's extractors and data: checked (and cached) before the search
     output = Path(args.out).expanduser().resolve() if args.out else storage / name / "final"
     url = start_ray(args.address, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
                     dashboard_port=args.dashboard_port, quiet=args.quiet)
@@ -186,11 +190,15 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
     payload = ray.put(load_stack(spec).to_payload()) if args.stack_via_object_store else None
 
     rounds = LcscTrial.round_schedule(args.rounds, args.fid_samples, args.scheduler)
-    trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, seed=args.noise_seed,
+    trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, objective=objective,
                                      num_samples=args.fid_samples, stack_payload=payload, rounds=rounds)
-    print(f"search: {args.num_trials} trials, optimizer {args.optimizer}, space {space.name} (K={len(files)}), "
+    batches = (f" candidates in Ray Tune trials of {args.candidates_per_trial}" if args.candidates_per_trial > 1
+               else " trials")
+    print(f"search: {args.num_trials}{batches}, optimizer {args.optimizer}, space {space.name} (K={len(files)}), "
           f"{args.fid_samples} samples per evaluation"
           f"{'' if len(rounds) == 1 else f' in rounds of {rounds} (ASHA stops the worse)'}; experiment {storage / name}")
+    if objective.describe():
+        print(f"search objective: {objective.describe()}")
     print(f"live plot of the search: {storage / name / PROGRESS_PLOT} (redrawn at most every "
           f"{PROGRESS_PLOT_EVERY_S:.0f} s)")
     table = run_search(
@@ -198,14 +206,16 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
         warm_start=baselines, storage=storage, name=name, resume=args.resume,
         max_concurrent=args.max_concurrent, resources=_resources(args), max_failures=args.max_failures,
         progress=not args.quiet, penalty=PENALTY_SCORE, resume_hint=resume_command(argv, kind, name, storage),
-        scheduler=args.scheduler, rounds=rounds, reduction_factor=args.reduction_factor,
+        scheduler=args.scheduler, rounds=rounds, reduction_factor=args.reduction_factor, objective=objective,
+        candidates_per_trial=args.candidates_per_trial,
     )
     search_seconds = time.perf_counter() - started
-    return finish(args, table, space, baselines, steps, spec, payload, output, search_seconds)
+    return finish(args, table, space, baselines, steps, spec, payload, plan, output, search_seconds)
 
 
 def finish(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace, baselines: dict[str, np.ndarray],
-           steps: list[int], spec: ScoringSpec, payload: Any, output: Path, search_seconds: float) -> dict[str, Any]:
+           steps: list[int], spec: ScoringSpec, payload: Any, plan: EvalPlan, output: Path,
+           search_seconds: float) -> dict[str, Any]:
     """After the search: every baseline (the run's own baseline checkpoints included), the output-rescaled
     control and the finalists re-scored on several held-out noise seeds with the searched metric and metrics
     the search never saw (the best of many noisy evaluations is biased low: docs/METHOD.md, Held-out
@@ -220,7 +230,6 @@ def finish(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace
     candidates += [ScoredCandidate(f"search rank {i + 1} (trial {row.index})", "lcsc", row.score, alpha=row.alpha,
                                    trial=row.index) for i, row in enumerate(pick_finalists(table, args.top_k))]
     seeds = heldout_seeds(args)
-    plan = eval_plan(args, run)
     metric_name = rescore_heldout(candidates, spec, payload, args, plan, seeds)
     winner, best, deciding = print_verdict(candidates, metric_name, args)
     output.mkdir(parents=True, exist_ok=True)
@@ -247,7 +256,8 @@ def heldout_seeds(args: argparse.Namespace) -> list[int]:
 def eval_plan(args: argparse.Namespace, run: RunInfo) -> EvalPlan:
     """What the held-out evaluation measures besides the searched metric: each `--eval-extractors` with its
     reference statistics of the run's data (computed once and cached), and precision/recall against the run's
-    training images when run.json names them."""
+    training images when run.json names them. Built before Ray starts, so what it lacks is said (and its
+    statistics are computed) before the search rather than after it."""
     data = run.config.get("data")
     if data is not None and not dataset_exists(data):
         print(f"note: the run's training data {data!r} is not readable here: no precision/recall"
@@ -410,6 +420,7 @@ def build_results(args: argparse.Namespace, table: ResultTable, space: Coefficie
         "metric": metric_name,
         "search": {"samples": args.fid_samples, "noise_seed": args.noise_seed, "optimizer": args.optimizer,
                    "space": args.space, "bound": args.bound, "sigma": space.sigma, "seed": args.seed,
+                   "fresh_noise_every": args.fresh_noise_every, "coef_penalty": args.coef_penalty,
                    "trials_completed": len(table.rows),
                    "trials_failed": sum(bool(r.metrics.get("failed")) for r in table.rows),
                    "trials_errored": table.num_errored, "experiment": table.experiment_path},

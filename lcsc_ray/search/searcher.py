@@ -11,6 +11,9 @@
 - Replay after a killed driver: a suggestion whose index already has a recorded evaluation in the store
   reuses that value, so the trial replays the record instead of evaluating again.
 - Concurrency is enforced from the searcher's own live map (`max_concurrent`), not a ConcurrencyLimiter.
+- Batches (`candidates_per_trial` > 1): a trial gets several candidates asked together, as one config
+  (`batch_config`), and each is told with its own score from the trial's `batch` report, so the optimizer
+  sees every candidate while Tune schedules, logs and checkpoints one trial per batch.
 - A trial that errors is never told (Ray's contract): the trainable reports a penalised score instead.
 See docs/RAY_NEVERGRAD.md for the Ray behaviours behind these points.
 """
@@ -27,8 +30,8 @@ import numpy as np
 from ray.tune.search.nevergrad import NevergradSearch
 
 from lcsc_ray.errors import LcscError
-from lcsc_ray.search.candidates import (BASELINE_PREFIX, CANDIDATES_DIR, INDEX_KEY, SEARCH_LABEL, decode_candidate,
-                                        digest, recorded_values, save_candidate)
+from lcsc_ray.search.candidates import (BASELINE_PREFIX, CANDIDATES_DIR, INDEX_KEY, SEARCH_LABEL, batch_config,
+                                        candidate_configs, decode_candidate, digest, recorded_values, save_candidate)
 from lcsc_ray.search.ray_compat import config_of_result, restore_searcher
 
 
@@ -44,14 +47,20 @@ class LcscNevergradSearch(NevergradSearch):
         metric: str = "score",
         mode: str = "min",
         max_concurrent: int = 1,
+        candidates_per_trial: int = 1,
+        budget: int | None = None,
     ) -> None:
         """`optimizer`: a built Nevergrad optimizer (`build_optimizer`); `experiment_dir`: the Tune experiment
         folder, which holds the candidate store; `warm_start`: (name, value) pairs in the order they should
-        run (values in the space's parametrization, `space.to_value(α)`)."""
+        run (values in the space's parametrization, `space.to_value(α)`); `candidates_per_trial`: candidates
+        asked together and evaluated by one trial, each told with its own score; `budget`: candidates in all
+        (the last trial gets what is left; None: no cap)."""
         if max_concurrent < 1:
             raise LcscError(f"--max-concurrent must be at least 1, got {max_concurrent}")
         self._warm_labels = [f"{BASELINE_PREFIX}{name}" for name, _ in warm_start]
         self._max_concurrent = int(max_concurrent)
+        self._candidates_per_trial = int(candidates_per_trial)
+        self._budget = budget
         # Absolute, and pickled with the searcher: a restored search keeps writing to the same store.
         self._candidates_dir = str(Path(experiment_dir).expanduser().resolve() / CANDIDATES_DIR)
         self._num_suggested = 0
@@ -79,6 +88,21 @@ class LcscNevergradSearch(NevergradSearch):
     def suggest(self, trial_id: str) -> dict | None:
         if len(self._live_trial_mapping) >= self._max_concurrent:
             return None
+        count = self._candidates_per_trial
+        if self._budget is not None:
+            count = min(count, self._budget - self._num_suggested)
+        if count < 1:
+            return None
+        entries, configs = [], []
+        for _ in range(count):
+            entry, config = self._suggest_one()
+            entries.append(entry)
+            configs.append(config)
+        self._live_trial_mapping[trial_id] = entries
+        return batch_config(configs)
+
+    def _suggest_one(self) -> tuple[tuple, dict]:
+        """The next candidate: its (index, label, parameter) entry and its config (a file in the store)."""
         candidate = self._nevergrad_opt.ask()  # suggestions (the warm starts) are popped first, in order
         index = self._num_suggested
         label = self._warm_labels[index] if index < len(self._warm_labels) else SEARCH_LABEL
@@ -90,22 +114,25 @@ class LcscNevergradSearch(NevergradSearch):
         if recorded is not None and digest(recorded) != digest(candidate.value["alpha"]):
             candidate = self._nevergrad_opt.parametrization.spawn_child(new_value={"alpha": recorded})
         self._num_suggested += 1
-        self._live_trial_mapping[trial_id] = (index, label, candidate)
-        return save_candidate(self._candidates_dir, index, label, candidate.value["alpha"])
+        return (index, label, candidate), save_candidate(self._candidates_dir, index, label, candidate.value["alpha"])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        entry = self._live_trial_mapping.pop(trial_id, None) or self._orphans.pop(trial_id, None)
+        entries = self._live_trial_mapping.pop(trial_id, None) or self._orphans.pop(trial_id, None)
         if error or not result or self._metric not in result:
             return  # Ray's contract: errored trials are not told (the trainable reports penalties instead)
-        if entry is None:
-            config = config_of_result(result)
-            value, label = decode_candidate(config)
-            candidate = self._nevergrad_opt.parametrization.spawn_child(new_value={"alpha": value})
-            entry = (int(config.get(INDEX_KEY, -1)), label, candidate)
-        index, label, candidate = entry
-        loss = self._metric_op * float(result[self._metric])
-        self._nevergrad_opt.tell(candidate, loss if not math.isnan(loss) else math.inf)
-        self.told.append((index, label, loss))
+        if isinstance(entries, tuple):  # a searcher state saved before trials held several candidates
+            entries = [entries]
+        if entries is None:
+            entries = []
+            for config in candidate_configs(config_of_result(result)):
+                value, label = decode_candidate(config)
+                candidate = self._nevergrad_opt.parametrization.spawn_child(new_value={"alpha": value})
+                entries.append((int(config.get(INDEX_KEY, -1)), label, candidate))
+        reports = result.get("batch") or [result]
+        for (index, label, candidate), report in zip(entries, reports):
+            loss = self._metric_op * float(report[self._metric])
+            self._nevergrad_opt.tell(candidate, loss if not math.isnan(loss) else math.inf)
+            self.told.append((index, label, loss))
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)

@@ -16,6 +16,9 @@ With `--scheduler fifo` a trial is one round of `--fid-samples` samples. With `-
 through `--rounds` (the same fixed noise, only the new samples generated each round) and reports after each,
 so Tune's scheduler can stop it; every round's `score` is on the full-fidelity scale (`comparable_score`,
 docs/METHOD.md "Multi-fidelity trials"), and that is what the optimizer is told when a trial is stopped.
+With `--candidates-per-trial` > 1 (fifo only) one step scores a batch of candidates, each recorded as it is
+scored and reported under `batch` (docs/METHOD.md "Batched trials"). The search noise of a candidate and the
+score it tells come from its `SearchObjective` (lcsc_ray/search/objective.py).
 Its `__repr__` (trial index, label, stage, last score) is what Ray's dashboard shows in the Actors page's
 Repr column and in the actor's log prefix; Ray takes it once, when the actor has been created.
 """
@@ -33,7 +36,9 @@ from ray import tune
 from lcsc_ray.errors import LcscError
 from lcsc_ray.evaluator import EvalResult
 from lcsc_ray.scoring import CandidateScorer, ScoringSpec, cached_scorer
-from lcsc_ray.search.candidates import INDEX_KEY, LABEL_KEY, decode_candidate, load_record, save_record
+from lcsc_ray.search.candidates import (BATCH_KEY, INDEX_KEY, LABEL_KEY, candidate_configs, decode_candidate,
+                                        load_record, save_record)
+from lcsc_ray.search.objective import SearchObjective
 from search_spaces.spaces import CoefficientSpace
 
 PENALTY_SCORE = 1.0e6  # far above any Fréchet distance of real images; rank-based optimizers only need "worst"
@@ -75,9 +80,10 @@ def _failure(report: dict, error: Exception) -> dict:
             "error": f"{type(error).__name__}: {error}"[:500], "traceback": traceback.format_exc(limit=3)[-2000:]}
 
 
-def evaluate_candidate(config: dict, *, scoring: ScoringSpec, space: CoefficientSpace, seed: int, num_samples: int,
-                       stack_payload: dict | None = None) -> dict:
-    """Score the candidate of one trial config on the fixed search noise: `score`, stage timings, flags.
+def evaluate_candidate(config: dict, *, scoring: ScoringSpec, space: CoefficientSpace, objective: SearchObjective,
+                       num_samples: int, stack_payload: dict | None = None) -> dict:
+    """Score the candidate of one trial config on its search noise (`objective.seed_of` its index): `score`
+    (what the optimizer is told), the distance itself, stage timings, flags.
 
     Raises `LcscError` for input problems (module docstring); candidate failures become a penalised result."""
     value, label = decode_candidate(config)
@@ -85,19 +91,23 @@ def evaluate_candidate(config: dict, *, scoring: ScoringSpec, space: Coefficient
     scorer = cached_scorer(scoring, stack_payload)
     report = {"label": label, "alpha_abs_max": float(np.max(np.abs(alpha)))}
     try:
-        result = scorer.score(alpha, seed=seed, num_samples=num_samples)
+        result = scorer.score(alpha, seed=objective.seed_of(int(config.get(INDEX_KEY, -1))), num_samples=num_samples)
     except LcscError:
         raise  # e.g. a model that does not match the checkpoints: no candidate would do better
     except Exception as error:  # noqa: BLE001 - any candidate-specific failure becomes a penalised result
         return _failure(report, error)
-    return {**report, **_round_report(scorer, result, round_index=0, score=float(result.score), final=True)}
+    return {**report, **_round_report(scorer, result, round_index=0, distance=float(result.score),
+                                      penalty=objective.penalty(alpha), final=True)}
 
 
-def _round_report(scorer: CandidateScorer, result: EvalResult, *, round_index: int, score: float,
+def _round_report(scorer: CandidateScorer, result: EvalResult, *, round_index: int, distance: float, penalty: float,
                   final: bool) -> dict:
-    report = {"score": score, scorer.metric_name: float(result.score), "failed": False,
+    """`score` (told) = `distance` (on the full-fidelity scale) + `penalty` (`SearchObjective.penalty`)."""
+    report = {"score": distance + penalty, scorer.metric_name: float(result.score), "failed": False,
               "num_samples": result.num_samples, "round": round_index + 1, FULL_FIDELITY_KEY: final}
     report.update({f"time_{stage}": seconds for stage, seconds in result.timings.items()})
+    if penalty:
+        report["coef_penalty_term"] = penalty
     report.update(_gpu_memory(scorer))
     return report
 
@@ -120,10 +130,10 @@ class LcscTrial(tune.Trainable):
     last_score: float | None = None
     round_schedule = staticmethod(round_schedule)  # for the job, which builds this trainable's `rounds`
 
-    def setup(self, config: dict, *, scoring: ScoringSpec, space: CoefficientSpace, seed: int, num_samples: int,
-              stack_payload: dict | None = None, rounds: Sequence[int] | None = None) -> None:
+    def setup(self, config: dict, *, scoring: ScoringSpec, space: CoefficientSpace, objective: SearchObjective,
+              num_samples: int, stack_payload: dict | None = None, rounds: Sequence[int] | None = None) -> None:
         """`rounds`: sample counts after each round (`round_schedule`); default one round of `num_samples`."""
-        self.scoring, self.space, self.seed, self.stack_payload = scoring, space, seed, stack_payload
+        self.scoring, self.space, self.objective, self.stack_payload = scoring, space, objective, stack_payload
         self.rounds = tuple(rounds) if rounds else (int(num_samples),)
         self._input_error: str | None = None
         self._start_candidate()
@@ -139,6 +149,8 @@ class LcscTrial(tune.Trainable):
         if self._input_error is not None:  # the driver is stopping the search; do not build the scorer again
             time.sleep(INPUT_ERROR_REPEAT_S)
             return {INPUT_ERROR_KEY: self._input_error}
+        if BATCH_KEY in self.config:
+            return self._step_batch()
         if self._records is None:
             self._records = load_record(self.config)
         index = len(self._done)
@@ -161,6 +173,34 @@ class LcscTrial(tune.Trainable):
         self.stage, self.last_score = "idle", report["score"]
         return {**report, "replayed": False, "done": bool(report[FULL_FIDELITY_KEY])}
 
+    def _step_batch(self) -> dict:
+        """All candidates of a batch trial (`--candidates-per-trial`, full fidelity only), one after another on
+        this worker: each is recorded as soon as it is scored and replayed if it was recorded before. The
+        report holds every candidate's report under `batch` (the searcher tells each), the best score as
+        `score` (the progress line), and the stage times and samples summed over the batch."""
+        reports = []
+        for config in candidate_configs(self.config):
+            recorded = load_record(config)
+            if recorded:
+                reports.append({**recorded[-1], "replayed": True})
+                continue
+            try:
+                self.stage = "scoring"
+                report = evaluate_candidate(config, scoring=self.scoring, space=self.space, objective=self.objective,
+                                            num_samples=self.rounds[-1], stack_payload=self.stack_payload)
+            except LcscError as error:
+                self._input_error = " ".join(str(error).split())
+                self.stage = "input error"
+                return {INPUT_ERROR_KEY: self._input_error}
+            save_record(config, [report])
+            reports.append({**report, "replayed": False})
+        best = min(reports, key=lambda r: r["score"])
+        summary = {key: sum(float(r.get(key, 0.0)) for r in reports)
+                   for key in {k for r in reports for k in r if k.startswith("time_")} | {"num_samples"}}
+        self.stage, self.last_score = "idle", best["score"]
+        return {**summary, "score": best["score"], "failed": all(r.get("failed") for r in reports),
+                "num_candidates": len(reports), "batch": reports, FULL_FIDELITY_KEY: True, "done": True}
+
     def _evaluate_round(self, scorer: CandidateScorer, index: int) -> dict:
         """Round `index` of this candidate. A trial that replayed earlier rounds regenerates their samples
         (their statistics were in the previous driver's workers) without reporting them again."""
@@ -171,7 +211,8 @@ class LcscTrial(tune.Trainable):
         report = {"label": label, "alpha_abs_max": float(np.max(np.abs(alpha)))}
         try:
             if self._rounds_iter is None:
-                self._rounds_iter = scorer.score_rounds(alpha, seed=self.seed, rounds=self.rounds,
+                seed = self.objective.seed_of(int(self.config.get(INDEX_KEY, -1)))
+                self._rounds_iter = scorer.score_rounds(alpha, seed=seed, rounds=self.rounds,
                                                         blocks=JACKKNIFE_BLOCKS if len(self.rounds) > 1 else 1)
                 for _ in range(index):
                     next(self._rounds_iter)
@@ -181,8 +222,8 @@ class LcscTrial(tune.Trainable):
         except Exception as error:  # noqa: BLE001 - any candidate-specific failure becomes a penalised result
             return _failure(report, error)
         final = index == len(self.rounds) - 1
-        report.update(_round_report(scorer, result, round_index=index, score=comparable_score(result, self.rounds[-1]),
-                                    final=final))
+        report.update(_round_report(scorer, result, round_index=index, distance=comparable_score(result, self.rounds[-1]),
+                                    penalty=self.objective.penalty(alpha), final=final))
         if result.extrapolated is not None:
             report.update(fd_extrapolated=result.extrapolated, fd_slope=result.slope)
         return report

@@ -36,8 +36,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from lcsc_ray.atomic import atomic_write_json
 from lcsc_ray.errors import LcscError, SearchInterrupted
-from lcsc_ray.search.candidates import INDEX_KEY, decode_candidate
+from lcsc_ray.search.candidates import INDEX_KEY, candidate_configs, decode_candidate
 from lcsc_ray.search.monitor import SearchMonitor
+from lcsc_ray.search.objective import SearchObjective
 from lcsc_ray.search.optimizers import build_optimizer, resolve_optimizer_name
 from lcsc_ray.search.ray_compat import (allow_pending_trials, allow_results_without_metric, check_ray_version,
                                         interrupt_tune_run, json_trial_logs_only, run_config_of)
@@ -150,6 +151,8 @@ def run_search(
     scheduler: str = "fifo",
     rounds: Sequence[int] = (),
     reduction_factor: float = 3.0,
+    objective: SearchObjective = SearchObjective(),
+    candidates_per_trial: int = 1,
 ) -> ResultTable:
     """Run (or resume) the search to its budget and return its completed trials (module docstring for the
     other endings; `resume_hint` is the command printed for them, by default the flags that name the run).
@@ -161,9 +164,14 @@ def run_search(
     (or is started locally by Tune). `scheduler` "asha" stops trials between the `rounds` (sample counts the
     trainable reports as `num_samples`; `trial.round_schedule`) that score worse than all but the best
     1/`reduction_factor` of the trials that reached the same round; "fifo" runs every trial to its end.
+    `objective` is what the trainable tells besides the distance (noise per generation, coefficient penalty);
+    it is recorded so that a resume with other values is refused. `candidates_per_trial` > 1 has each Tune
+    trial evaluate that many candidates asked together (full fidelity only): `num_trials` still counts
+    candidates, and every candidate is a row of the table and a tell of the optimizer.
     """
     exp_dir = _experiment_dir(storage, name)
     trial_scheduler = build_scheduler(scheduler, rounds, reduction_factor)
+    check_batching(candidates_per_trial, trial_scheduler)
     manifest = check_experiment(storage, name, resume=resume)
     check_ray_version()
     allow_results_without_metric()
@@ -181,9 +189,18 @@ def run_search(
             raise LcscError(f"experiment {name} ran --scheduler {recorded[0]} with rounds {recorded[1]}, not "
                             f"{scheduler} with {list(rounds)}; resume with the same --scheduler, --rounds and "
                             "--fid-samples")
+        told = {"fresh_noise_every": objective.fresh_noise_every, "coef_penalty": objective.coef_penalty}
+        recorded_told = {key: manifest.get(key, 0) for key in told}
+        if recorded_told != told:
+            raise LcscError(f"experiment {name} ran --fresh-noise-every {recorded_told['fresh_noise_every']} "
+                            f"--coef-penalty {recorded_told['coef_penalty']:g}, not {told['fresh_noise_every']} and "
+                            f"{told['coef_penalty']:g}; resume with the same flags")
+        if manifest.get("candidates_per_trial", 1) != candidates_per_trial:
+            raise LcscError(f"experiment {name} ran --candidates-per-trial {manifest.get('candidates_per_trial', 1)}, "
+                            f"not {candidates_per_trial}; resume with the same flags")
         if manifest["num_trials"] != num_trials:
             print(f"note: resuming {name} to its original budget of {manifest['num_trials']} trials")
-        budget = manifest["num_trials"]
+        budget = tune_trials(manifest["num_trials"], candidates_per_trial)
         grid, monitor = _fit(_restore(exp_dir, wrapped), name, budget, metric, penalty, progress)
     else:
         if num_trials < 1:
@@ -201,17 +218,21 @@ def run_search(
             metric=metric,
             mode="min",
             max_concurrent=max_concurrent,
+            candidates_per_trial=candidates_per_trial,
+            budget=num_trials,
         )
         atomic_write_json(exp_dir / MANIFEST, {
             "space": space.name, "num_checkpoints": space.num_checkpoints, "bound": space.bound,
             "sigma": space.sigma, "optimizer": resolve_optimizer_name(optimizer), "seed": seed,
             "num_trials": num_trials, "metric": metric, "warm_start": [label for label, _ in warm],
             "scheduler": scheduler, "rounds": list(rounds),
+            "fresh_noise_every": objective.fresh_noise_every, "coef_penalty": objective.coef_penalty,
+            "candidates_per_trial": candidates_per_trial,
         })
         tuner = tune.Tuner(
             wrapped,
             tune_config=tune.TuneConfig(
-                search_alg=searcher, num_samples=num_trials, metric=metric, mode="min", reuse_actors=True,
+                search_alg=searcher, num_samples=tune_trials(num_trials, candidates_per_trial), metric=metric, mode="min", reuse_actors=True,
                 trial_dirname_creator=short_trial_dirname,
                 scheduler=trial_scheduler,
             ),
@@ -223,7 +244,7 @@ def run_search(
                 verbose=0,
             ),
         )
-        budget = num_trials
+        budget = tune_trials(num_trials, candidates_per_trial)
         grid, monitor = _fit(tuner, name, budget, metric, penalty, progress)
     _check_ending(monitor, name, budget, resume_hint)
     if monitor.errored:
@@ -235,6 +256,20 @@ def run_search(
         grid, monitor = _fit(_restore(exp_dir, wrapped), name, budget, metric, penalty, progress)
         _check_ending(monitor, name, budget, resume_hint)
     return collect_results(grid, space, metric=metric, experiment_path=exp_dir)
+
+
+def tune_trials(num_candidates: int, candidates_per_trial: int) -> int:
+    """Tune trials needed for `num_candidates` candidates at `candidates_per_trial` each (the last may hold fewer)."""
+    return -(-num_candidates // candidates_per_trial)
+
+
+def check_batching(candidates_per_trial: int, scheduler: TrialScheduler) -> None:
+    """Batches are scored at full fidelity in one step: an early-stopping scheduler would stop whole batches."""
+    if candidates_per_trial < 1:
+        raise LcscError(f"--candidates-per-trial {candidates_per_trial}: must be at least 1")
+    if candidates_per_trial > 1 and not isinstance(scheduler, FIFOScheduler):
+        raise LcscError(f"--candidates-per-trial {candidates_per_trial} needs --scheduler fifo (ASHA stops single "
+                        "candidates between rounds; a batch trial scores its candidates at full fidelity)")
 
 
 def build_scheduler(name: str, rounds: Sequence[int], reduction_factor: float) -> TrialScheduler:
@@ -335,13 +370,15 @@ def collect_results(grid, space: CoefficientSpace, *, metric: str, experiment_pa
         if result.error is not None or not result.metrics or metric not in result.metrics:
             errored += 1
             continue
-        value, label = decode_candidate(result.config)
-        metrics = {k: v for k, v in result.metrics.items() if k not in TUNE_KEYS and k != metric}
-        rows.append(TrialRecord(
-            index=int(result.config.get(INDEX_KEY, -1)), trial_id=str(result.metrics.get("trial_id", "")),
-            label=label, value=value, alpha=space.to_coefficients(value), score=float(result.metrics[metric]),
-            metrics=metrics,
-        ))
+        reports = result.metrics.get("batch") or [result.metrics]
+        for config, report in zip(candidate_configs(result.config), reports):
+            value, label = decode_candidate(config)
+            metrics = {k: v for k, v in report.items() if k not in TUNE_KEYS and k not in (metric, "batch")}
+            rows.append(TrialRecord(
+                index=int(config.get(INDEX_KEY, -1)), trial_id=str(result.metrics.get("trial_id", "")),
+                label=label, value=value, alpha=space.to_coefficients(value), score=float(report[metric]),
+                metrics=metrics,
+            ))
     rows.sort(key=lambda row: row.index)
     searcher = load_searcher(experiment_path)
     return ResultTable(
