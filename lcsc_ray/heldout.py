@@ -5,7 +5,7 @@ low on exactly that metric (and may exploit the one feature network it was score
 therefore re-scores each finalist and baseline on several other noise seeds with
 - the searched metric (the same `Evaluator` the trials used),
 - a Fréchet distance on each independent extractor (`--eval-extractors`, e.g. `digits_indep`),
-- precision and recall (k-NN manifolds, lcsc_ray/precision_recall.py) against real images, on each
+- precision and recall (k-NN manifolds, lcsc_ray/precision_recall.py) against real images, on the first
   independent extractor, or on the searched one when none is given,
 all from one set of samples per candidate and seed (docs/METHOD.md, "Held-out evaluation").
 
@@ -65,7 +65,7 @@ class HeldoutMetrics:
             extractor = build_extractor(name, device=device, inception_weights=plan.inception_weights)
             reference = load_reference_stats(stats, extractor=extractor.name, dim=extractor.dim)
             self.evaluators.append(Evaluator(extractor, reference, device=device))
-        pr_extractors = [e.extractor for e in self.evaluators] or [scorer.evaluator.extractor]
+        pr_extractors = [e.extractor for e in self.evaluators[:1]] or [scorer.evaluator.extractor]
         self.real: list[tuple[object, torch.Tensor, torch.Tensor]] = []
         self.pr_samples = plan.pr_samples
         if plan.real_data is not None:

@@ -133,3 +133,6 @@ def test_winner_selection_on_the_independent_metric_and_the_candidate_to_use(sel
     assert winner.trial == expected and best is winner and deciding == "fd_digits_indep"
     assert "beats 1, ties 0, loses to 0 of 1 baselines and controls" in out
     assert ("picked among the finalists on held-out fd_digits_indep" in out) == (select_on == "independent")
+    # with --select-on independent the independent distance is no longer untouched, and the console says so
+    assert ("fd_digits_indep (never searched; picked the winner)" in out) == (select_on == "independent")
+    assert ("every distance in this table took part" in out) == (select_on == "independent")

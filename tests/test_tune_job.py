@@ -60,7 +60,7 @@ def test_search_runs_the_budget_tells_baselines_and_exports_a_loadable_winner(lo
     assert all(b["search_score"] is not None and b["heldout_score"] is not None for b in on_disk["baselines"].values())
     # Every row carries the searched metric, the independent one and precision/recall on each held-out seed,
     # with the paired difference to the winner and its verdict.
-    assert on_disk["heldout"]["metrics"] == ["fd_digits", "fd_digits_indep", "precision_digits_indep",
+    assert on_disk["heldout"]["metrics"] == ["fd_digits", "fd_digits_indep", "fd_pixels", "precision_digits_indep",
                                              "recall_digits_indep"]
     assert len(on_disk["heldout"]["noise_seeds"]) == 2
     for row in [*on_disk["baselines"].values(), *on_disk["controls"].values()]:

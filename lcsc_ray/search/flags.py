@@ -93,8 +93,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    "is re-scored on; the table shows means and paired differences to the winner ± standard error, "
                    "and a difference counts only beyond 2 SE (docs/METHOD.md, Held-out re-scoring)")
     g.add_argument("--eval-extractors", type=str_list, default=[], help="extractors the search never sees, comma "
-                   "separated (e.g. digits_indep): the final table adds their Fréchet distance and k-NN precision/"
-                   "recall against the run's training images; with none, precision/recall use --extractor")
+                   "separated (e.g. digits_indep,pixels): the final table adds their Fréchet distance, and k-NN "
+                   "precision/recall on the first against the run's training images; with none, precision/recall use "
+                   "--extractor")
     g.add_argument("--select-on", choices=("searched", "independent"), default="searched",
                    help="pick the LCSC winner among the finalists on the held-out searched metric, or on the first "
                    "--eval-extractors distance (a metric the search never saw: guards against overfitting it)")

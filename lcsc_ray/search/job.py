@@ -370,9 +370,13 @@ def print_verdict(candidates: list[ScoredCandidate], metric_name: str,
         summary = ", ".join(f"{verdict} {len([v for v in verdicts.values() if v == verdict])}"
                             for verdict in ("beats", "ties", "loses to"))
         unbeaten = [name for name, verdict in verdicts.items() if verdict != "beats"]
-        print(f"LCSC winner on held-out {metric}{' (searched)' if metric == metric_name else ' (never searched)'}: "
-              f"{summary} of {len(verdicts)} baselines and controls"
+        role = ("searched" if metric == metric_name else
+                "never searched; picked the winner" if metric == selection else "never searched")
+        print(f"LCSC winner on held-out {metric} ({role}): {summary} of {len(verdicts)} baselines and controls"
               + (f" (not beaten: {', '.join(unbeaten)})" if unbeaten else ""))
+    if selection != metric_name and len(distances) < 3:
+        print(f"note: {selection} picked the winner, so every distance in this table took part in the search or the "
+              f"selection; add another --eval-extractors entry (e.g. pixels) for one that neither touched")
     best_baseline = min(baselines, key=lambda c: c.mean(metric_name))
     for metric in distances[1:]:
         if compare(best_baseline, winner, metric_name).verdict == "beats" and \
