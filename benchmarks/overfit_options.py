@@ -133,8 +133,7 @@ def run_one(kind: str, run_dir: Path, out: Path, threads: int, overrides: dict[s
     candidates += [ScoredCandidate(b.name, "baseline", None, checkpoint=b)
                    for b in extra_baselines(setup["run"], setup["files"])]
     for c in candidates:
-        c.search_score = float(scorer.score(c.source, seed=NOISE_SEED, num_samples=preset["fid_samples"]).score) \
-            if c.checkpoint is None else _file_score(scorer, c, preset["fid_samples"])
+        c.search_score = _search_score(scorer, c, preset["fid_samples"])
     best = min(candidates, key=lambda c: c.search_score)
     affine, control_score = fit_output_affine(scorer, best.source, seed=NOISE_SEED, num_samples=preset["fid_samples"])
     candidates.append(ScoredCandidate(f"rescaled {best.name} (control)", "control", control_score, alpha=best.alpha,
@@ -175,8 +174,8 @@ def run_one(kind: str, run_dir: Path, out: Path, threads: int, overrides: dict[s
     return path
 
 
-def _file_score(scorer, candidate: ScoredCandidate, num_samples: int) -> float:
-    """A baseline checkpoint file's searched metric on the search noise."""
+def _search_score(scorer, candidate: ScoredCandidate, num_samples: int) -> float:
+    """A baseline's searched metric on the search noise (a profile or a checkpoint file alike)."""
     batches = candidate_samples(scorer, candidate.source, None, seed=NOISE_SEED, num_samples=num_samples)
     return float(scorer.evaluator.evaluate(iter(batches)).score)
 
@@ -246,7 +245,6 @@ def _variant_table(per_seed: list) -> str:
         for metric in (SEARCHED, INDEP, PIXELS, "recall_digits_indep", "precision_digits_indep"):
             lower = not metric.startswith(("precision", "recall"))
             cells, counts = {}, {}
-            values = []
             for ref in ("training_ema", "control", "plain"):
                 diffs, verdicts = [], []
                 for _, rows in per_seed:

@@ -113,21 +113,26 @@ def test_diffusion_search_with_dpmsolver_at_9_nfe(local_ray, tiny_dm_run, tmp_pa
     assert np.isfinite(results["winner"]["heldout_score"])
 
 
-def test_a_nan_candidate_is_penalised_and_the_search_goes_on(local_ray, tiny_cm_run, tmp_path):
-    """Coefficients of ±1e30 overflow float32 activations into Inf/NaN samples: that trial must be reported
-    with the penalty and `failed`, told to the optimizer, and the search must finish its budget."""
-    run = load_run(tiny_cm_run)
-    files = tuple(discover_checkpoints(run.checkpoint_dir))
-    stats = ensure_reference_stats("digits", "digits")
-    spec = ScoringSpec(run_dir=str(tiny_cm_run), files=files, reference_stats=str(stats), extractor="digits",
-                       batch_size=200, threads=1)
+@pytest.fixture(scope="module")
+def explosive_search(tiny_cm_run):
+    """(trainable, space, warm starts) on the tiny CM run whose second warm start, coefficients of ±1e30,
+    overflows float32 activations into Inf/NaN samples."""
+    files = tuple(discover_checkpoints(load_run(tiny_cm_run).checkpoint_dir))
+    spec = ScoringSpec(run_dir=str(tiny_cm_run), files=files, extractor="digits", batch_size=200, threads=1,
+                       reference_stats=str(ensure_reference_stats("digits", "digits")))
     space = build_space("full", len(files), bound=1e31)
     explosive = np.zeros(len(files))
     explosive[-1], explosive[-2] = 1e30, -1e30
     trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, objective=SearchObjective(),
                                      num_samples=200)
-    table = run_search(trainable, space, optimizer="OnePlusOne", num_trials=6, seed=0,
-                       warm_start={"newest": newest_profile(len(files)), "explosive": explosive},
+    return trainable, space, {"newest": newest_profile(len(files)), "explosive": explosive}
+
+
+def test_a_nan_candidate_is_penalised_and_the_search_goes_on(local_ray, explosive_search, tmp_path):
+    """Coefficients of ±1e30 overflow float32 activations into Inf/NaN samples: that trial must be reported
+    with the penalty and `failed`, told to the optimizer, and the search must finish its budget."""
+    trainable, space, warm_start = explosive_search
+    table = run_search(trainable, space, optimizer="OnePlusOne", num_trials=6, seed=0, warm_start=warm_start,
                        storage=tmp_path, name="nan", resources={"cpu": 1}, progress=False, penalty=PENALTY_SCORE)
     assert len(table.rows) == 6 and table.num_errored == 0
     rows = table.baselines()
@@ -137,20 +142,11 @@ def test_a_nan_candidate_is_penalised_and_the_search_goes_on(local_ray, tiny_cm_
     assert ("baseline:explosive", PENALTY_SCORE) in [(label, loss) for _, label, loss in table.told]
 
 
-def test_batched_trials_tell_every_candidate_with_its_own_score(local_ray, tiny_cm_run, tmp_path):
+def test_batched_trials_tell_every_candidate_with_its_own_score(local_ray, explosive_search, tmp_path):
     """Four candidates per Tune trial (one of them failing): 14 candidates in 4 trials, every candidate a row
     and one tell with its own score, and a resume with another batch size refused."""
-    run = load_run(tiny_cm_run)
-    files = tuple(discover_checkpoints(run.checkpoint_dir))
-    spec = ScoringSpec(run_dir=str(tiny_cm_run), files=files, extractor="digits", batch_size=200, threads=1,
-                       reference_stats=str(ensure_reference_stats("digits", "digits")))
-    space = build_space("full", len(files), bound=1e31)
-    explosive = np.zeros(len(files))
-    explosive[-1], explosive[-2] = 1e30, -1e30
-    trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, objective=SearchObjective(),
-                                     num_samples=200)
-    table = run_search(trainable, space, optimizer="CMA", num_trials=14, seed=0,
-                       warm_start={"newest": newest_profile(len(files)), "explosive": explosive},
+    trainable, space, warm_start = explosive_search
+    table = run_search(trainable, space, optimizer="CMA", num_trials=14, seed=0, warm_start=warm_start,
                        storage=tmp_path, name="batched", resources={"cpu": 1}, progress=False, penalty=PENALTY_SCORE,
                        candidates_per_trial=4)
     assert [row.index for row in table.rows] == list(range(14)) and table.num_errored == 0

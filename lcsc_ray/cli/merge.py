@@ -23,7 +23,7 @@ from lcsc_ray.errors import LcscError
 from lcsc_ray.export import export_merged
 from lcsc_ray.profiles import named_profile, run_ema_warmup
 from lcsc_ray.run_folder import RUN_JSON, read_run_json
-from lcsc_ray.run_formats import detect_format, select_trajectory
+from lcsc_ray.run_formats import detect_format, own_run_folder, select_trajectory
 from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack
 
 
@@ -98,12 +98,10 @@ def run_checkpoints(args: argparse.Namespace) -> list[CheckpointFile]:
 
 
 def recorded_ema_warmup(folder: Path) -> str | None:
-    """The EMA warm-up the run.json of our run folder records (in the folder or its parent, as the tune job
-    finds it), so `--profile ema_<decay>` rebuilds the EMA the training loop kept; None elsewhere."""
-    for candidate in (folder / RUN_JSON, folder.parent / RUN_JSON):
-        if candidate.is_file():
-            return run_ema_warmup(read_run_json(candidate))
-    return None
+    """The EMA warm-up the run.json of our run folder records (found as the tune job finds it), so
+    `--profile ema_<decay>` rebuilds the EMA the training loop kept; None elsewhere."""
+    run_dir = own_run_folder(folder)
+    return None if run_dir is None else run_ema_warmup(read_run_json(run_dir / RUN_JSON))
 
 
 def main(argv: list[str] | None = None) -> None:

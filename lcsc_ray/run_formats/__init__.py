@@ -106,7 +106,8 @@ def select_trajectory(trajectories: dict[str, list[CheckpointFile]], select: str
     return names[0]
 
 
-def _own_run_json(folder: Path) -> Path | None:
+def own_run_folder(folder: Path) -> Path | None:
+    """The folder holding our run.json: `folder` itself or its parent (a run's checkpoint folder), else None."""
     for candidate in (folder, folder.parent):
         if (candidate / RUN_JSON).is_file():
             return candidate
@@ -129,7 +130,7 @@ def resolve_run(ckpt_dir: str | Path, *, run_json: str | None = None, select: st
         if config.get("run_format", "ours") != "ours":
             config.setdefault("checkpoints", str(folder))
         run = run_from_config(folder, config, str(path))
-    elif (own := _own_run_json(folder)) is not None:
+    elif (own := own_run_folder(folder)) is not None:
         run = load_run(own)
         if own != folder:
             run.checkpoint_dir = folder  # the user pointed at one checkpoint folder of the run (e.g. checkpoints_ema)

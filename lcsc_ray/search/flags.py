@@ -198,9 +198,9 @@ def parse_args(argv: list[str] | None, kind: str) -> argparse.Namespace:
     parser.set_defaults(**values)
     args = parser.parse_args(argv)
     check_heldout_flags(args)
-    if args.candidates_per_trial < 1 or (args.candidates_per_trial > 1 and args.scheduler != "fifo"):
-        raise LcscError(f"--candidates-per-trial {args.candidates_per_trial}: must be 1, or more with --scheduler fifo "
-                        "(a batch trial scores its candidates at full fidelity; ASHA stops single candidates)")
+    from lcsc_ray.search.tuner import check_batching  # here: inspect_run imports this module without Ray Tune
+
+    check_batching(args.candidates_per_trial, args.scheduler)
     return args
 
 

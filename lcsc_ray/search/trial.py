@@ -165,13 +165,17 @@ class LcscTrial(tune.Trainable):
             self.stage = "scoring"
             report = self._evaluate_round(scorer, index)
         except LcscError as error:
-            self._input_error = " ".join(str(error).split())
-            self.stage = "input error"
-            return {INPUT_ERROR_KEY: self._input_error}
+            return self._report_input_error(error)
         self._done.append(report)
         save_record(self.config, self._done)
         self.stage, self.last_score = "idle", report["score"]
         return {**report, "replayed": False, "done": bool(report[FULL_FIDELITY_KEY])}
+
+    def _report_input_error(self, error: LcscError) -> dict:
+        """Keep the input problem (one line) and report it so the driver stops the search (module docstring)."""
+        self._input_error = " ".join(str(error).split())
+        self.stage = "input error"
+        return {INPUT_ERROR_KEY: self._input_error}
 
     def _step_batch(self) -> dict:
         """All candidates of a batch trial (`--candidates-per-trial`, full fidelity only), one after another on
@@ -189,9 +193,7 @@ class LcscTrial(tune.Trainable):
                 report = evaluate_candidate(config, scoring=self.scoring, space=self.space, objective=self.objective,
                                             num_samples=self.rounds[-1], stack_payload=self.stack_payload)
             except LcscError as error:
-                self._input_error = " ".join(str(error).split())
-                self.stage = "input error"
-                return {INPUT_ERROR_KEY: self._input_error}
+                return self._report_input_error(error)
             save_record(config, [report])
             reports.append({**report, "replayed": False})
         best = min(reports, key=lambda r: r["score"])

@@ -171,7 +171,7 @@ def run_search(
     """
     exp_dir = _experiment_dir(storage, name)
     trial_scheduler = build_scheduler(scheduler, rounds, reduction_factor)
-    check_batching(candidates_per_trial, trial_scheduler)
+    check_batching(candidates_per_trial, scheduler)
     manifest = check_experiment(storage, name, resume=resume)
     check_ray_version()
     allow_results_without_metric()
@@ -232,7 +232,8 @@ def run_search(
         tuner = tune.Tuner(
             wrapped,
             tune_config=tune.TuneConfig(
-                search_alg=searcher, num_samples=tune_trials(num_trials, candidates_per_trial), metric=metric, mode="min", reuse_actors=True,
+                search_alg=searcher, num_samples=tune_trials(num_trials, candidates_per_trial), metric=metric,
+                mode="min", reuse_actors=True,
                 trial_dirname_creator=short_trial_dirname,
                 scheduler=trial_scheduler,
             ),
@@ -263,13 +264,12 @@ def tune_trials(num_candidates: int, candidates_per_trial: int) -> int:
     return -(-num_candidates // candidates_per_trial)
 
 
-def check_batching(candidates_per_trial: int, scheduler: TrialScheduler) -> None:
-    """Batches are scored at full fidelity in one step: an early-stopping scheduler would stop whole batches."""
-    if candidates_per_trial < 1:
-        raise LcscError(f"--candidates-per-trial {candidates_per_trial}: must be at least 1")
-    if candidates_per_trial > 1 and not isinstance(scheduler, FIFOScheduler):
-        raise LcscError(f"--candidates-per-trial {candidates_per_trial} needs --scheduler fifo (ASHA stops single "
-                        "candidates between rounds; a batch trial scores its candidates at full fidelity)")
+def check_batching(candidates_per_trial: int, scheduler: str) -> None:
+    """Batches are scored at full fidelity in one step: an early-stopping scheduler would stop whole batches.
+    Called by the tune flags (before anything runs) and by `run_search`."""
+    if candidates_per_trial < 1 or (candidates_per_trial > 1 and scheduler != "fifo"):
+        raise LcscError(f"--candidates-per-trial {candidates_per_trial}: must be 1, or more with --scheduler fifo "
+                        "(a batch trial scores its candidates at full fidelity; ASHA stops single candidates)")
 
 
 def build_scheduler(name: str, rounds: Sequence[int], reduction_factor: float) -> TrialScheduler:
