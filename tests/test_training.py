@@ -18,7 +18,7 @@ from lcsc_ray.run_folder import load_run
 from lcsc_ray.training import demo
 from lcsc_ray.training.checkpointing import RESUME_FILE, load_weights
 from lcsc_ray.training.ct import ct_loss
-from lcsc_ray.training.loop import make_config, train
+from lcsc_ray.training.loop import learning_rate, make_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attention": False, "dropout": 0.0,
@@ -124,3 +124,40 @@ def test_cli_reports_bad_flags_in_one_line(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: --channel-mult")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_training_options_are_recorded_only_when_set_and_shape_the_run(tmp_path):
+    plain = tiny_config("cm", steps=40, save_every=20)["training"]
+    assert not {"grad_clip", "adam_beta2", "lr_anneal", "init_weights"} & set(plain)  # run.json of older runs stays equal
+    config = make_config("cm", data="digits", steps=40, save_every=20, batch_size=16, lr=1e-3, seed=0,
+                         model_kwargs=TINY, ema_decay=0.99, warmup=10, loss_settings=demo.DEMO_CURRICULUM,
+                         grad_clip=1.0, adam_beta2=0.99, lr_anneal=(0.5, 0.1))
+    settings = config["training"]
+    assert (settings["grad_clip"], settings["adam_beta2"], settings["lr_anneal"]) == (1.0, 0.99, {"start": 0.5, "final": 0.1})
+    rates = [learning_rate(settings, k) for k in range(40)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == rates[19] == pytest.approx(1e-3)  # warm-up, then constant
+    assert all(a >= b for a, b in zip(rates[19:], rates[20:])) and rates[-1] == pytest.approx(1e-4)  # cosine to 0.1x
+    assert learning_rate(plain, 39) == plain["lr"]
+    train(tmp_path, config, quiet=True)  # the options train; a rerun with the same options is the same run
+    assert train(tmp_path, config, quiet=True)["steps"] == 40
+    # A run started from the first run's weights: its initial weights are those, not a fresh initialisation.
+    init = tmp_path / "checkpoints_ema" / "ema_0000040.safetensors"
+    tuned = make_config("cm", data="digits", steps=1, save_every=1, batch_size=16, lr=1e-9, seed=0, model_kwargs=TINY,
+                        ema_decay=0.99, warmup=1, loss_settings=demo.DEMO_CURRICULUM, init_weights=str(init))
+    train(tmp_path / "tuned", tuned, quiet=True)
+    start, after = load_file(str(init)), load_file(str(tmp_path / "tuned" / "checkpoints" / "model_0000001.safetensors"))
+    assert all(torch.allclose(start[k], after[k], atol=1e-6) for k in start)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr-anneal", "0.6"], "error: --lr-anneal '0.6': give START,FINAL"),
+    (["--lr-anneal", "1.2,0.1"], "error: --lr-anneal 1.2,0.1: give START,FINAL with START in [0, 1)"),
+    (["--adam-beta2", "1"], "error: --adam-beta2 1.0: give a decay in (0, 1)"),
+    (["--init-weights", "absent.safetensors"], "error: --init-weights absent.safetensors: no such file"),
+    (["--grad-clip", "-1"], "error: --grad-clip -1.0: give a maximum gradient norm > 0, or 0 for no clipping"),
+])
+def test_optimizer_flags_report_bad_values_in_one_line(tmp_path, flags, message):
+    cmd = [sys.executable, str(ROOT / "launch" / "train_cm.py"), "--out", str(tmp_path), *flags]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip().startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run.json").exists()

@@ -32,6 +32,12 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=d["batch_size"], help="training batch size")
     parser.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (after linear warm-up)")
     parser.add_argument("--warmup", type=int, default=d["warmup"], help="linear learning-rate warm-up in updates")
+    parser.add_argument("--lr-anneal", default=None, metavar="START,FINAL", help="cosine learning-rate anneal from "
+                        "the fraction START of training down to FINAL x lr at the last update (default: constant lr)")
+    parser.add_argument("--adam-beta2", type=float, default=0.999, help="Adam's second-moment decay")
+    parser.add_argument("--init-weights", default=None, metavar="FILE", help="start from this .safetensors "
+                        "state dict of the same network (e.g. a diffusion run's EMA) instead of a random initialisation")
+    parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this value (0 = off)")
     if kind == "cm":
         c = d["loss_settings"]
         parser.add_argument("--s1", type=int, default=c["s1"], help="largest CT discretisation N (iCT: 1280)")
@@ -62,6 +68,17 @@ def _loss_settings(args: argparse.Namespace) -> dict:
     return {"s1": args.s1, **({"curriculum_end": args.curriculum_end} if held else {})}
 
 
+def _lr_anneal(text: str | None) -> tuple[float, float] | None:
+    """--lr-anneal START,FINAL as two floats (range checks in make_config)."""
+    if text is None:
+        return None
+    try:
+        start, final = (float(v) for v in text.split(","))
+    except ValueError:
+        raise LcscError(f"--lr-anneal {text!r}: give START,FINAL, e.g. 0.6,0.1") from None
+    return start, final
+
+
 def main(kind: str, argv: list[str] | None = None) -> None:
     """Train (or resume) the run of `kind` described by the flags and print its statistics as JSON."""
     args = build_parser(kind).parse_args(argv)
@@ -80,7 +97,8 @@ def main(kind: str, argv: list[str] | None = None) -> None:
     config = make_config(
         kind, data=args.data, steps=args.steps, save_every=args.save_every, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, model_kwargs=model_kwargs, ema_decay=args.ema_decay, warmup=args.warmup, factory=args.model,
-        loss_settings=_loss_settings(args) if kind == "cm" else {},
+        loss_settings=_loss_settings(args) if kind == "cm" else {}, grad_clip=args.grad_clip,
+        adam_beta2=args.adam_beta2, lr_anneal=_lr_anneal(args.lr_anneal), init_weights=args.init_weights,
     )
     stats = train(args.out, config, quiet=args.quiet, threads=args.threads or None, device=args.device)
     print(json.dumps({"run_dir": str(args.out), **stats}))

@@ -1,6 +1,7 @@
 """The training loop shared by consistency training (CM) and diffusion training (DM).
 
-One Adam optimiser on the raw network, linear LR warm-up, a training EMA for evaluation, and a checkpoint
+One Adam optimiser on the raw network (optionally with gradient-norm clipping), linear LR warm-up (optionally a
+cosine anneal at the end), a training EMA for evaluation, and a checkpoint
 (raw + EMA weights, resume state) every `save_every` updates (lcsc_ray/training/checkpointing.py). The run
 folder's run.json is written first, so later tools rebuild the network from the folder alone; a finished
 run gets `done.json` (atomic) with its statistics, then sample grids from the newest raw and EMA weights.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from lcsc_ray.models import build_model
 from lcsc_ray.precond import SigmaConfig
 from lcsc_ray.profiles import EMA_WARMUP, ema_decay_at
 from lcsc_ray.run_folder import DONE_JSON, RUN_JSON, load_run, validate_config
-from lcsc_ray.training.checkpointing import resume, save_checkpoint
+from lcsc_ray.training.checkpointing import load_weights, resume, save_checkpoint
 from lcsc_ray.training.ct import CT_DEFAULTS, ct_loss
 from lcsc_ray.training.dm import DM_DEFAULTS, edm_loss
 
@@ -36,17 +38,34 @@ LOSSES = {"cm": (ct_loss, CT_DEFAULTS), "dm": (edm_loss, DM_DEFAULTS)}
 def make_config(
     kind: str, *, data: str, steps: int, save_every: int, batch_size: int, lr: float, seed: int,
     model_kwargs: dict[str, Any], ema_decay: float, warmup: int, factory: str = "unet",
-    loss_settings: dict[str, Any] | None = None,
+    loss_settings: dict[str, Any] | None = None, grad_clip: float = 0.0, adam_beta2: float = 0.999,
+    lr_anneal: tuple[float, float] | None = None, init_weights: str | None = None,
 ) -> dict:
     """run.json content for a new run (image shape filled in by `train` from the data). `loss_settings`
     override the loss's defaults (e.g. the CT curriculum's `s1` and `curriculum_end`). `ema_warmup` records
     the training EMA's decay schedule, so profiles rebuilt from the raw checkpoints can follow it
-    (lcsc_ray/profiles.py)."""
+    (lcsc_ray/profiles.py). `grad_clip` (max gradient norm, 0 = off), `adam_beta2` and `lr_anneal` (start
+    fraction, final lr ratio: see `learning_rate`) and `init_weights` (a safetensors state dict of the same
+    network to start from instead of a random initialisation, e.g. a diffusion run's EMA as in ECT) are
+    recorded only when set, so run.json files written before they existed still describe the same run."""
     for flag, value in (("--steps", steps), ("--save-every", save_every), ("--batch-size", batch_size)):
         if value < 1:
             raise LcscError(f"{flag} {value}: must be at least 1")
     if lr <= 0 or not 0 <= ema_decay < 1:
         raise LcscError(f"--lr {lr} must be > 0 and --ema-decay {ema_decay} in [0, 1)")
+    if grad_clip < 0:
+        raise LcscError(f"--grad-clip {grad_clip}: give a maximum gradient norm > 0, or 0 for no clipping")
+    if not 0 < adam_beta2 < 1:
+        raise LcscError(f"--adam-beta2 {adam_beta2}: give a decay in (0, 1), e.g. 0.99")
+    if lr_anneal is not None and not (0 <= lr_anneal[0] < 1 and 0 <= lr_anneal[1] <= 1):
+        raise LcscError(f"--lr-anneal {lr_anneal[0]},{lr_anneal[1]}: give START,FINAL with START in [0, 1) "
+                        "(fraction of training) and FINAL in [0, 1] (final lr / lr), e.g. 0.6,0.1")
+    if init_weights is not None and not Path(init_weights).is_file():
+        raise LcscError(f"--init-weights {init_weights}: no such file; give a .safetensors state dict of the same network")
+    optimizer = {**({"init_weights": str(Path(init_weights).resolve())} if init_weights else {}),
+                 **({"grad_clip": grad_clip} if grad_clip else {}),
+                 **({"adam_beta2": adam_beta2} if adam_beta2 != 0.999 else {}),
+                 **({"lr_anneal": {"start": lr_anneal[0], "final": lr_anneal[1]}} if lr_anneal else {})}
     return {
         "format": 1,
         "kind": kind,
@@ -57,7 +76,7 @@ def make_config(
         "training": {
             "steps": steps, "save_every": save_every, "batch_size": batch_size, "lr": lr, "seed": seed,
             "ema_decay": ema_decay, "ema_warmup": EMA_WARMUP, "warmup": warmup,
-            "loss": "ict" if kind == "cm" else "edm", **LOSSES[kind][1], **(loss_settings or {}),
+            "loss": "ict" if kind == "cm" else "edm", **LOSSES[kind][1], **(loss_settings or {}), **optimizer,
         },
     }
 
@@ -105,8 +124,10 @@ def _train(run_dir: Path, config: dict, quiet: bool, device: torch.device) -> di
 
     torch.manual_seed(settings["seed"])  # network initialisation
     net = build_model(config["model"]["factory"], config["model"]["kwargs"]).to(device).train()
+    if settings.get("init_weights"):  # start from other weights of this network (e.g. a diffusion model's EMA)
+        load_weights(Path(settings["init_weights"]), net)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=settings["lr"])
+    optimizer = torch.optim.Adam(net.parameters(), lr=settings["lr"], betas=(0.9, settings.get("adam_beta2", 0.999)))
     generator = torch.Generator().manual_seed(settings["seed"])
     start = resume(run_dir, net, ema, optimizer, generator)
     total = settings["steps"]
@@ -117,11 +138,13 @@ def _train(run_dir: Path, config: dict, quiet: bool, device: torch.device) -> di
     bar = tqdm(range(start, total), initial=start, total=total, disable=quiet, desc=f"{run.kind} training", unit="step")
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = settings["lr"] * min(1.0, (step + 1) / max(1, settings["warmup"]))
+            group["lr"] = learning_rate(settings, step)
         batch = images[torch.randint(len(images), (settings["batch_size"],), generator=generator)].to(device)
         loss = loss_fn(net, batch, step, total, run.sigmas, settings, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if settings.get("grad_clip"):
+            torch.nn.utils.clip_grad_norm_(net.parameters(), settings["grad_clip"])
         optimizer.step()
         _update_ema(ema, net, settings["ema_decay"], step)
         losses.append(loss.item())
@@ -141,6 +164,18 @@ def _train(run_dir: Path, config: dict, quiet: bool, device: torch.device) -> di
     write_sample_grid(run, net, run_dir / "samples_raw.png")
     atomic_write_json(run_dir / DONE_JSON, stats)
     return stats
+
+
+def learning_rate(settings: dict, step: int) -> float:
+    """Linear warm-up over `warmup` updates, then constant; with `lr_anneal` {"start": f, "final": r} a cosine
+    from lr at step f·K down to r·lr at the last step."""
+    lr = settings["lr"] * min(1.0, (step + 1) / max(1, settings["warmup"]))
+    anneal = settings.get("lr_anneal")
+    if anneal:
+        begin = anneal["start"] * settings["steps"]
+        t = min(1.0, max(0.0, (step + 1 - begin) / max(1.0, settings["steps"] - begin)))
+        lr *= anneal["final"] + (1 - anneal["final"]) * 0.5 * (1 + math.cos(math.pi * t))
+    return lr
 
 
 @torch.no_grad()
