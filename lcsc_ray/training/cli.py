@@ -8,7 +8,7 @@ import json
 from lcsc_ray.errors import LcscError
 from lcsc_ray.models.unet import EMB_MODES
 from lcsc_ray.training.demo import DEFAULTS, default_run_dir
-from lcsc_ray.training.loop import make_config, train
+from lcsc_ray.training.loop import ADAM_BETA2, make_config, train
 
 TITLES = {
     "cm": "Consistency training (improved CT: Karras σ grid, boundary-condition scalings, growing N, "
@@ -34,7 +34,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=d["warmup"], help="linear learning-rate warm-up in updates")
     parser.add_argument("--lr-anneal", default=None, metavar="START,FINAL", help="cosine learning-rate anneal from "
                         "the fraction START of training down to FINAL x lr at the last update (default: constant lr)")
-    parser.add_argument("--adam-beta2", type=float, default=0.999, help="Adam's second-moment decay")
+    parser.add_argument("--adam-beta2", type=float, default=ADAM_BETA2, help="Adam's second-moment decay")
     parser.add_argument("--init-weights", default=None, metavar="FILE", help="start from this .safetensors "
                         "state dict of the same network (e.g. a diffusion run's EMA) instead of a random initialisation")
     parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this value (0 = off)")

@@ -33,12 +33,13 @@ from lcsc_ray.training.ct import CT_DEFAULTS, ct_loss
 from lcsc_ray.training.dm import DM_DEFAULTS, edm_loss
 
 LOSSES = {"cm": (ct_loss, CT_DEFAULTS), "dm": (edm_loss, DM_DEFAULTS)}
+ADAM_BETA2 = 0.999  # torch's default; run.json records `adam_beta2` only when a run uses another value
 
 
 def make_config(
     kind: str, *, data: str, steps: int, save_every: int, batch_size: int, lr: float, seed: int,
     model_kwargs: dict[str, Any], ema_decay: float, warmup: int, factory: str = "unet",
-    loss_settings: dict[str, Any] | None = None, grad_clip: float = 0.0, adam_beta2: float = 0.999,
+    loss_settings: dict[str, Any] | None = None, grad_clip: float = 0.0, adam_beta2: float = ADAM_BETA2,
     lr_anneal: tuple[float, float] | None = None, init_weights: str | None = None,
 ) -> dict:
     """run.json content for a new run (image shape filled in by `train` from the data). `loss_settings`
@@ -62,10 +63,10 @@ def make_config(
                         "(fraction of training) and FINAL in [0, 1] (final lr / lr), e.g. 0.6,0.1")
     if init_weights is not None and not Path(init_weights).is_file():
         raise LcscError(f"--init-weights {init_weights}: no such file; give a .safetensors state dict of the same network")
-    optimizer = {**({"init_weights": str(Path(init_weights).resolve())} if init_weights else {}),
-                 **({"grad_clip": grad_clip} if grad_clip else {}),
-                 **({"adam_beta2": adam_beta2} if adam_beta2 != 0.999 else {}),
-                 **({"lr_anneal": {"start": lr_anneal[0], "final": lr_anneal[1]}} if lr_anneal else {})}
+    options = {**({"init_weights": str(Path(init_weights).resolve())} if init_weights else {}),
+               **({"grad_clip": grad_clip} if grad_clip else {}),
+               **({"adam_beta2": adam_beta2} if adam_beta2 != ADAM_BETA2 else {}),
+               **({"lr_anneal": {"start": lr_anneal[0], "final": lr_anneal[1]}} if lr_anneal else {})}
     return {
         "format": 1,
         "kind": kind,
@@ -76,7 +77,7 @@ def make_config(
         "training": {
             "steps": steps, "save_every": save_every, "batch_size": batch_size, "lr": lr, "seed": seed,
             "ema_decay": ema_decay, "ema_warmup": EMA_WARMUP, "warmup": warmup,
-            "loss": "ict" if kind == "cm" else "edm", **LOSSES[kind][1], **(loss_settings or {}), **optimizer,
+            "loss": "ict" if kind == "cm" else "edm", **LOSSES[kind][1], **(loss_settings or {}), **options,
         },
     }
 
@@ -124,12 +125,13 @@ def _train(run_dir: Path, config: dict, quiet: bool, device: torch.device) -> di
 
     torch.manual_seed(settings["seed"])  # network initialisation
     net = build_model(config["model"]["factory"], config["model"]["kwargs"]).to(device).train()
-    if settings.get("init_weights"):  # start from other weights of this network (e.g. a diffusion model's EMA)
-        load_weights(Path(settings["init_weights"]), net)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=settings["lr"], betas=(0.9, settings.get("adam_beta2", 0.999)))
+    optimizer = torch.optim.Adam(net.parameters(), lr=settings["lr"], betas=(0.9, settings.get("adam_beta2", ADAM_BETA2)))
     generator = torch.Generator().manual_seed(settings["seed"])
     start = resume(run_dir, net, ema, optimizer, generator)
+    if start == 0 and settings.get("init_weights"):  # a fresh run from other weights of this network (e.g. a DM's EMA)
+        load_weights(Path(settings["init_weights"]), net)
+        ema.load_state_dict(net.state_dict())
     total = settings["steps"]
     if start >= total and (run_dir / DONE_JSON).is_file():
         return json.loads((run_dir / DONE_JSON).read_text(encoding="utf-8"))  # already complete: keep its record
