@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 from lcsc_ray.data import load_images
 from lcsc_ray.errors import LcscError
 from lcsc_ray.models import build_model
+from lcsc_ray.precond import SigmaConfig
 from lcsc_ray.run_folder import load_run
 from lcsc_ray.training import demo
 from lcsc_ray.training.checkpointing import RESUME_FILE, load_weights
-from lcsc_ray.training.ct import ct_loss
+from lcsc_ray.training.ct import CT_DEFAULTS, ct_loss
 from lcsc_ray.training.loop import learning_rate, make_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +63,32 @@ def test_short_ct_run_writes_cadence_and_lowers_loss(tmp_path):
     assert set(raw40) == set(trained.state_dict()) and not torch.equal(raw40["conv_in.weight"], raw120["conv_in.weight"])
 
 
+class DropoutProbe(torch.nn.Module):
+    """A network whose output is its input under a dropout mask; it records every mask it draws."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def forward(self, x, noise_label):
+        mask = torch.nn.functional.dropout(torch.ones_like(x), 0.5, self.training)
+        self.masks.append(mask)
+        return x * mask
+
+
+def test_ct_target_and_prediction_share_their_dropout_masks():
+    """With masks of their own the target would be another random sub-network each step; the CM demo trains
+    with dropout 0.2, so this is what makes its CT learn at all (docs/TRAINING.md)."""
+    run_settings = {**CT_DEFAULTS, **demo.DEMO_CURRICULUM}
+    net = DropoutProbe().train()
+    images = load_images("digits")[:64]
+    ct_loss(net, images, 0, 100, SigmaConfig(), run_settings, torch.Generator().manual_seed(0))
+    target, prediction = net.masks
+    assert torch.equal(target, prediction) and 0.3 < (target == 0).float().mean() < 0.7
+    ct_loss(net, images, 1, 100, SigmaConfig(), run_settings, torch.Generator().manual_seed(0))
+    assert not torch.equal(net.masks[2], target), "each step draws new masks"
+
+
 def test_dm_run_writes_checkpoints(tmp_path):
     train(tmp_path, tiny_config("dm", steps=20, save_every=10), quiet=True)
     assert steps_in(tmp_path / "checkpoints", "model_") == [10, 20]
@@ -91,10 +118,13 @@ def test_kill_and_resume_continues_from_newest_checkpoint(tmp_path):
     assert json.loads(stdout.strip().splitlines()[-1])["resumed_from"] == resume_step
     assert steps_in(out / "checkpoints", "model_") == list(range(20, steps + 1, 20))
 
-    # an uninterrupted run with the same settings reaches the same weights: resume restored everything
+    # an uninterrupted run with the same settings reaches the same weights: resume restored everything, the
+    # dropout masks of the CM recipe's dropout 0.2 included
     reference = tmp_path / "reference"
+    assert demo.DEFAULTS["cm"]["model_kwargs"]["dropout"] == 0.2
     config = make_config("cm", data="digits", steps=steps, save_every=20, batch_size=16, lr=demo.DEFAULTS["cm"]["lr"], seed=0,
-                         model_kwargs=TINY, ema_decay=0.999, warmup=200, loss_settings=demo.DEMO_CURRICULUM)
+                         model_kwargs={**TINY, "dropout": 0.2}, ema_decay=0.999, warmup=200,
+                         loss_settings=demo.DEMO_CURRICULUM)
     train(reference, config, quiet=True)
     for sub, name in (("checkpoints", "model"), ("checkpoints_ema", "ema")):
         a = load_file(str(out / sub / f"{name}_{steps:07d}.safetensors"))
@@ -107,7 +137,7 @@ def test_ensure_demo_run_trains_once_and_reuses(tmp_path, monkeypatch):
     monkeypatch.setitem(demo.DEFAULTS, "cm", {**demo.DEFAULTS["cm"], "steps": 10, "save_every": 5,
                                               "batch_size": 8, "model_kwargs": TINY})
     run_dir = demo.ensure_demo_run("cm", quiet=True)
-    assert run_dir == tmp_path / "runs" / f"digits-cm-{demo.DEMO_VERSION}" and steps_in(run_dir / "checkpoints", "model_") == [5, 10]
+    assert run_dir == tmp_path / "runs" / f"digits-cm-{demo.DEMO_VERSION['cm']}" and steps_in(run_dir / "checkpoints", "model_") == [5, 10]
     marker = (run_dir / "done.json").stat().st_mtime_ns
     assert demo.ensure_demo_run("cm", quiet=True) == run_dir
     assert (run_dir / "done.json").stat().st_mtime_ns == marker

@@ -12,6 +12,9 @@ Choices (documented in run.json under `training`):
 - Noise-level index sampled from the discretised log-normal p(i) (iCT Eq. 10, P_mean −1.1, P_std 2.0),
   weight λ(σᵢ) = 1/(σᵢ₊₁ − σᵢ) (iCT Sec. 3.4), pseudo-Huber distance √(‖a−b‖² + c²) − c with c = 0.00054·√d
   (iCT Sec. 3.3).
+- With dropout, the target and the prediction see the same dropout masks (the random state is replayed for
+  the prediction, as ECT does): with masks of their own the target is a different random sub-network every
+  step and the run does not learn (measured on the digits demo, docs/TRAINING.md).
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ def ct_loss(
     shape = (-1, 1, 1, 1)
     x_hi = x0 + sigma_hi.to(x0.dtype).view(shape) * z
     x_lo = x0 + sigma_lo.to(x0.dtype).view(shape) * z
-    with torch.no_grad():
+    # fork_rng restores the random state on exit, so the prediction draws the target's dropout masks again
+    with torch.random.fork_rng(devices=[x0.device] if x0.device.type == "cuda" else []), torch.no_grad():
         target = consistency_fn(net, x_lo, sigma_lo, sigmas.sigma_min, sigmas.sigma_data)
     pred = consistency_fn(net, x_hi, sigma_hi, sigmas.sigma_min, sigmas.sigma_data)
     c = 0.00054 * math.sqrt(x0[0].numel())
