@@ -47,21 +47,24 @@ from repro_search import (HeldoutScorer, SearchRun, ask_tell_search, first_fract
                           training_ema_file)
 from search_spaces import load_preset
 
-# Sizes per mode. cm_trials/dm_trials: search budget (baselines included); *_final: held-out samples.
+# Sizes per mode. cm_trials/dm_trials: search budget (baselines included); *_final: held-out samples;
+# search_flags: added to every search (smoke: small evaluations, so the script's paths are checked in seconds).
 SETTINGS: dict[str, dict[str, Any]] = {
     "smoke": dict(seeds=[0], cm_trials=12, dm_trials=10, cm_final=1000, dm_final=500, top_k=2, dm_nfes=[5],
                   fractions=[1 / 2], subset_trials=12, optimizers=["TwoPointsDE"], opt_seeds=[0], opt_trials=15,
                   opt_samples=500, midpoints=[10], merge=["--checkpoints", "4", "--repeats", "2"],
-                  fid=["--repeats", "1"], overhead=["--trials", "10"], sampling=["--samples", "500", "--repeats", "1"]),
+                  fid=["--repeats", "1"], overhead=["--trials", "10"], sampling=["--samples", "500", "--repeats", "1"],
+                  search_flags=["--fid-samples", "200", "--rounds", "50,100", "--heldout-seeds", "2"]),
     "quick": dict(seeds=[0, 1, 2], cm_trials=150, dm_trials=60, cm_final=4000, dm_final=2000, top_k=3,
                   dm_nfes=[5, 7], fractions=[1 / 2, 1 / 4, 1 / 8], subset_trials=100,
                   optimizers=["TwoPointsDE", "CMA", "OnePlusOne"], opt_seeds=[0, 1, 2], opt_trials=1000,
                   opt_samples=1000, midpoints=[6, 8, 10, 12, 14], merge=["--checkpoints", "20", "--repeats", "5"],
-                  fid=["--repeats", "1"], overhead=["--trials", "50"], sampling=[]),
+                  fid=["--repeats", "1"], overhead=["--trials", "50"], sampling=[], search_flags=[]),
     "full": dict(seeds=[0, 1, 2], cm_trials=1000, dm_trials=150, cm_final=5000, dm_final=4000, top_k=5,
                  dm_nfes=[4, 5, 6, 7, 12], fractions=[1 / 2, 1 / 4, 1 / 8], subset_trials=400,
                  optimizers=["TwoPointsDE", "CMA", "OnePlusOne", "DiagonalCMA"], opt_seeds=[0, 1, 2], opt_trials=1000,
-                 opt_samples=2000, midpoints=[4, 6, 8, 10, 12, 14, 16], merge=[], fid=[], overhead=[], sampling=[]),
+                 opt_samples=2000, midpoints=[4, 6, 8, 10, 12, 14, 16], merge=[], fid=[], overhead=[], sampling=[],
+                 search_flags=[]),
 }
 DM_SEARCH_NFE = 9  # the digits-dm preset's NFE (the paper's reduced budget)
 DM_DEFAULT_NFE = 15  # DPM-Solver++'s default in lcsc_ray/sampling/dm.py (the LCSC repo's default DM sampler)
@@ -97,7 +100,7 @@ def item1_baselines(cfg: dict, storage: Path, plots: Path) -> tuple[str, dict[st
         run_dir = cfg["runs"][kind]
         for seed in cfg["seeds"]:
             runs[kind].append(search(kind, f"item1-{kind}-s{seed}", storage, [
-                "--ckpt-dir", run_dir, "--num-trials", trials, "--final-samples", final, "--top-k", cfg["top_k"], "--seed", seed]))
+                "--ckpt-dir", run_dir, "--num-trials", trials, "--final-samples", final, "--top-k", cfg["top_k"], "--seed", seed, *cfg["search_flags"]]))
         # the job scores the run's saved training EMA as a baseline of its own (`training_ema`)
         names = [n for n in runs[kind][0].results["baselines"] if n != "training_ema"]
         training_ema[kind] = float(np.mean([r.baseline_heldout("training_ema") for r in runs[kind]]))
@@ -175,7 +178,7 @@ def item2_fewer_steps(cfg: dict, storage: Path, plots: Path, item1: dict[str, li
         if n != DM_SEARCH_NFE:
             lcsc_at[n] = search("dm", f"item2-dm-nfe{n}", storage, [
                 "--ckpt-dir", run_dir, "--nfe", n, "--num-trials", cfg["dm_trials"], "--final-samples", cfg["dm_final"],
-                "--top-k", cfg["top_k"], "--seed", cfg["seeds"][0]]).winner_heldout
+                "--top-k", cfg["top_k"], "--seed", cfg["seeds"][0], *cfg["search_flags"]]).winner_heldout
     text.append(f"### DM: DPM-Solver++ NFE (held-out {cfg['dm_final']} samples; LCSC searched at each NFE with the "
                 f"digits-dm preset, seed {cfg['seeds'][0]}, {cfg['dm_trials']} trials; `{base_name}` is item 1's best "
                 "baseline)\n")
@@ -236,7 +239,7 @@ def item3_training_cost(cfg: dict, storage: Path, plots: Path, work: Path, item1
         folder, last_step = first_fraction_run(run_dir, fraction, work / f"first-{fraction:.4f}")
         run = search("cm", f"item3-cm-frac{fraction:.4f}", storage, [
             "--ckpt-dir", folder, "--num-trials", cfg["subset_trials"], "--final-samples", cfg["cm_final"],
-            "--top-k", cfg["top_k"], "--seed", cfg["seeds"][0]])
+            "--top-k", cfg["top_k"], "--seed", cfg["seeds"][0], *cfg["search_flags"]])
         points.append((fraction, run.baseline_heldout("newest"), run.winner_heldout))
         rows.append([f"1/{round(1 / fraction)} (steps ≤ {last_step}, K={len(run.results['steps'])})",
                      f"{run.baseline_heldout('newest'):.1f}", f"{run.winner_heldout:.1f}",

@@ -29,11 +29,13 @@ FOREIGN_FLAGS = {"--save-stats": "python -m pytorch_fid --save-stats"}
 def cli_flags() -> dict[str, set[str]]:
     """flag -> the launch scripts whose `--help` lists it (each script run as a user would run it)."""
     found: dict[str, set[str]] = {}
-    for script in LAUNCH_SCRIPTS:
-        proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300,
-                              cwd=REPO)
-        assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr
-        for flag in OPTION_LINE.findall(proc.stdout):
+    # all at once: each is mostly the import of torch and Ray on one core, so together they use every core
+    procs = {script: subprocess.Popen([sys.executable, str(script), "--help"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=REPO) for script in LAUNCH_SCRIPTS}
+    for script, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and stdout.startswith("usage:"), stderr
+        for flag in OPTION_LINE.findall(stdout):
             found.setdefault(f"--{flag}", set()).add(script.name)
     return found
 

@@ -27,7 +27,8 @@ def test_search_check_runs_every_share_on_cpu_and_prints_the_summary(tmp_path):
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch")}
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_search_check.py"), "--device", "cpu", "--model", "tiny",
-         "--checkpoints", "4", "--trials", "4", "--samples", "4", "--final-samples", "4", "--reference-images", "16",
+         "--checkpoints", "4", "--trials", "4", "--samples", "4", "--final-samples", "4", "--heldout-seeds", "2",
+         "--reference-images", "16",
          "--batch-size", "4", "--shares", "1,0.5", "--cpus", "2"],
         cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     out = proc.stdout

@@ -1,8 +1,8 @@
 """Stopping, resuming and faults of the real job: `launch/tune_cm.py` drivers on the tiny CM run, real local Ray.
 
 - Ctrl+C (SIGINT to the driver's process group, as a terminal sends it) and SIGTERM stop the search with
-  exit status 130 and the exact resume command, never a table or an export; the printed command finishes
-  the budget. A second signal exits at once and the state stays resumable.
+  exit status 130 and the exact resume command, never a table or an export; the printed command resumes,
+  and after a second stop finishes the budget. A second signal exits at once and the state stays resumable.
 - kill -9 of the driver at two points: the resumed search evaluates nothing that had finished (completed
   evaluations are replayed from the candidate store), the optimizer is told exactly the budget, and the
   driver's Ray processes do not outlive it; a new search under a taken name is refused.
@@ -21,8 +21,10 @@ import random
 import shlex
 import shutil
 import signal
+import subprocess
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import torch
 from ray import tune
@@ -64,61 +66,77 @@ def _resume_to_completion(args: list[str], tmp_path: Path, env: dict, exp_dir: P
     assert results["search"]["trials_completed"] == num_trials and results["search"]["trials_errored"] == 0
 
 
-def test_ctrl_c_stops_without_a_result_and_the_printed_command_resumes(tiny_cm_run, tmp_path):
+def _stop(driver: subprocess.Popen, exp_dir: Path, records: int, send: Callable[[int], None]) -> int:
+    """Wait for `records` evaluated candidates, `send` the stop signal, return the driver's exit status."""
+    try:
+        wait_for(lambda: _records(exp_dir) >= records, 180, f"{records} evaluated candidates", driver, poll=0.05)
+        send(driver.pid)
+        return driver.wait(timeout=120)
+    finally:
+        kill_session(driver.pid)
+
+
+def _assert_stopped(log: Path, exp_dir: Path, code: int, name: str, num_trials: int) -> list[str]:
+    """A stopped search: exit 130, the stop line last, no table, no export, no traceback; returns the printed
+    resume command's flags."""
+    text, line = log.read_text(), last_line(log)
+    assert code == 130, text[-3000:]
+    assert line.startswith(f"stopped: search {name} stopped with ") and f"of {num_trials} trials completed" in line
+    assert not (exp_dir / "final").exists(), "an interrupted search must not export or write results"
+    assert "LCSC winner" not in text and "Traceback" not in text
+    command = shlex.split(line.split("continue it with: ", 1)[1])
+    assert command[:2] == ["python", "launch/tune_cm.py"] and "--resume" in command
+    return command[2:]
+
+
+def test_ctrl_c_then_sigterm_stop_without_a_result_and_the_printed_command_resumes(tiny_cm_run, tmp_path):
+    """Ctrl+C (SIGINT to the whole foreground group, as a terminal sends it) stops the search; its printed
+    command resumes it; SIGTERM to the resumed driver alone (as `kill` or a scheduler sends it) stops it the
+    same way; the command printed then finishes the budget."""
     storage, name, num_trials = tmp_path / "storage", "ctrlc", 30
     exp_dir = storage / name
     args = ["--ckpt-dir", str(tiny_cm_run), "--num-trials", str(num_trials), "--storage", str(storage),
             "--name", name, "--no-dashboard", *FAST]
     log = tmp_path / "first.log"
-    driver = start_driver(args, log)
-    try:
-        wait_for(lambda: _records(exp_dir) >= 8, 180, "8 evaluated candidates", driver, poll=0.05)
-        os.killpg(driver.pid, signal.SIGINT)  # the whole foreground group, as a terminal's Ctrl+C
-        code = driver.wait(timeout=120)
-    finally:
-        kill_session(driver.pid)
-    line = last_line(log)
-    assert code == 130, log.read_text()[-3000:]
-    assert line.startswith(f"stopped: search {name} stopped with ") and f"of {num_trials} trials completed" in line
-    assert not (exp_dir / "final").exists(), "an interrupted search must not export or write results"
-    assert "LCSC winner" not in log.read_text()
+    code = _stop(start_driver(args, log), exp_dir, 8, lambda pid: os.killpg(pid, signal.SIGINT))
+    resume = _assert_stopped(log, exp_dir, code, name, num_trials)
 
-    command = shlex.split(line.split("continue it with: ", 1)[1])
-    assert command[:2] == ["python", "launch/tune_cm.py"] and "--resume" in command
-    code = run_driver(command[2:], tmp_path / "resume.log")
+    log = tmp_path / "resumed.log"
+    more = _records(exp_dir) + 6
+    code = _stop(start_driver(resume, log), exp_dir, more, lambda pid: os.kill(pid, signal.SIGTERM))
+    resume = _assert_stopped(log, exp_dir, code, name, num_trials)
+
+    code = run_driver(resume, tmp_path / "resume.log")
     assert code == 0, (tmp_path / "resume.log").read_text()[-3000:]
     results = _results(exp_dir)
     assert results["search"]["trials_completed"] == num_trials and results["search"]["trials_errored"] == 0
     assert len(load_searcher(exp_dir).told) == num_trials
 
 
-def test_sigterm_stops_like_ctrl_c_and_a_second_signal_exits_at_once(tiny_cm_run, tmp_path):
-    storage, num_trials = tmp_path / "storage", 30
-    for name, signals in (("term", [signal.SIGTERM]), ("twice", [signal.SIGTERM, signal.SIGINT])):
-        exp_dir = storage / name
-        args = ["--ckpt-dir", str(tiny_cm_run), "--num-trials", str(num_trials), "--storage", str(storage),
-                "--name", name, "--no-dashboard", *FAST]
-        log = tmp_path / f"{name}.log"
-        driver = start_driver(args, log)
-        try:
-            wait_for(lambda: _records(exp_dir) >= 6, 180, "6 evaluated candidates", driver, poll=0.05)
-            for count, sig in enumerate(signals, 1):
-                os.kill(driver.pid, sig)
-                # Tune logs this line once it has handled a stop signal: only then is the next one a second.
-                wait_for(lambda: log.read_text().count("Stop signal received") >= count or driver.poll() is not None,
-                         60, "Tune to handle the stop signal")
-            code = driver.wait(timeout=120)
-        finally:
-            kill_session(driver.pid)
-        text = log.read_text()
-        assert code == 130, text[-3000:]
-        assert not (exp_dir / "final").exists()
-        assert "Traceback" not in text, "a stop signal must never end in a traceback, not even during shutdown"
-        if len(signals) == 1:
-            assert last_line(log).startswith(f"stopped: search {name} stopped with ")
-        else:  # the second signal lands while Tune saves, or while the stopped driver shuts down
-            assert last_line(log).startswith("second stop signal: exiting now"), text[-3000:]
-        assert tune.Tuner.can_restore(str(exp_dir)) and list(exp_dir.glob("experiment_state-*.json"))
+def test_a_second_stop_signal_exits_at_once_and_the_state_stays_resumable(tiny_cm_run, tmp_path):
+    storage, name, num_trials = tmp_path / "storage", "twice", 30
+    exp_dir = storage / name
+    args = ["--ckpt-dir", str(tiny_cm_run), "--num-trials", str(num_trials), "--storage", str(storage),
+            "--name", name, "--no-dashboard", *FAST]
+    log = tmp_path / f"{name}.log"
+    driver = start_driver(args, log)
+    try:
+        wait_for(lambda: _records(exp_dir) >= 6, 180, "6 evaluated candidates", driver, poll=0.05)
+        for count, sig in enumerate([signal.SIGTERM, signal.SIGINT], 1):
+            os.kill(driver.pid, sig)
+            # Tune logs this line once it has handled a stop signal: only then is the next one a second.
+            wait_for(lambda: log.read_text().count("Stop signal received") >= count or driver.poll() is not None,
+                     60, "Tune to handle the stop signal")
+        code = driver.wait(timeout=120)
+    finally:
+        kill_session(driver.pid)
+    text = log.read_text()
+    assert code == 130, text[-3000:]
+    assert not (exp_dir / "final").exists()
+    assert "Traceback" not in text, "a stop signal must never end in a traceback, not even during shutdown"
+    # the second signal lands while Tune saves, or while the stopped driver shuts down
+    assert last_line(log).startswith("second stop signal: exiting now"), text[-3000:]
+    assert tune.Tuner.can_restore(str(exp_dir)) and list(exp_dir.glob("experiment_state-*.json"))
 
 
 def test_kill_9_twice_then_resume_evaluates_nothing_twice(tiny_cm_run, tmp_path):

@@ -116,6 +116,16 @@ def _check_resumable(exp_dir: Path) -> dict[str, Any]:
         raise LcscError(f"{exp_dir / MANIFEST} is missing or corrupt; {remedy}") from None
 
 
+def check_same_settings(name: str, manifest: dict[str, Any], settings: dict[str, tuple[str, Any, Any]]) -> None:
+    """Refuse to resume with other search-shaping settings than the experiment recorded: the optimizer would be
+    told scores it cannot compare with the ones it has. `settings` maps a flag to (manifest key, value recorded
+    by experiments that predate the key, value now); all differences are named in one line."""
+    differing = [f"{flag} {manifest.get(key, default)}, not {now}" for flag, (key, default, now) in settings.items()
+                 if manifest.get(key, default) != now]
+    if differing:
+        raise LcscError(f"experiment {name} ran with {'; '.join(differing)}: resume with the same flags")
+
+
 def check_experiment(storage: str | os.PathLike, name: str, *, resume: bool) -> dict[str, Any] | None:
     """Check `--name` in `--storage` before anything expensive starts: a new search must not overwrite an
     existing experiment, a resumed one must be restorable. Returns the manifest of the experiment to resume,
@@ -179,25 +189,15 @@ def run_search(
     resume_hint = resume_hint or f"--resume --name {name} --storage {exp_dir.parent}"
     wrapped = _actor_named(tune.with_resources(trainable, resources) if resources else trainable)
     if manifest is not None:
-        if (manifest["space"], manifest["num_checkpoints"]) != (space.name, space.num_checkpoints):
-            raise LcscError(
-                f"experiment {name} searched --space {manifest['space']} over {manifest['num_checkpoints']} "
-                f"checkpoints, not {space.name} over {space.num_checkpoints}; resume with the same flags"
-            )
-        recorded = (manifest.get("scheduler", "fifo"), manifest.get("rounds", list(rounds)))
-        if recorded != (scheduler, list(rounds)):
-            raise LcscError(f"experiment {name} ran --scheduler {recorded[0]} with rounds {recorded[1]}, not "
-                            f"{scheduler} with {list(rounds)}; resume with the same --scheduler, --rounds and "
-                            "--fid-samples")
-        told = {"fresh_noise_every": objective.fresh_noise_every, "coef_penalty": objective.coef_penalty}
-        recorded_told = {key: manifest.get(key, 0) for key in told}
-        if recorded_told != told:
-            raise LcscError(f"experiment {name} ran --fresh-noise-every {recorded_told['fresh_noise_every']} "
-                            f"--coef-penalty {recorded_told['coef_penalty']:g}, not {told['fresh_noise_every']} and "
-                            f"{told['coef_penalty']:g}; resume with the same flags")
-        if manifest.get("candidates_per_trial", 1) != candidates_per_trial:
-            raise LcscError(f"experiment {name} ran --candidates-per-trial {manifest.get('candidates_per_trial', 1)}, "
-                            f"not {candidates_per_trial}; resume with the same flags")
+        check_same_settings(name, manifest, {
+            "--space": ("space", None, space.name),
+            "checkpoints": ("num_checkpoints", None, space.num_checkpoints),
+            "--scheduler": ("scheduler", "fifo", scheduler),
+            "--rounds/--fid-samples": ("rounds", list(rounds), list(rounds)),
+            "--fresh-noise-every": ("fresh_noise_every", 0, objective.fresh_noise_every),
+            "--coef-penalty": ("coef_penalty", 0, objective.coef_penalty),
+            "--candidates-per-trial": ("candidates_per_trial", 1, candidates_per_trial),
+        })
         if manifest["num_trials"] != num_trials:
             print(f"note: resuming {name} to its original budget of {manifest['num_trials']} trials")
         budget = tune_trials(manifest["num_trials"], candidates_per_trial)
