@@ -139,7 +139,8 @@ def _train(run_dir: Path, config: dict, quiet: bool, device: torch.device) -> di
     began, losses = time.perf_counter(), []
     bar = tqdm(range(start, total), initial=start, total=total, disable=quiet, desc=f"{run.kind} training", unit="step")
     for step in bar:
-        torch.manual_seed(settings["seed"] * 2**32 + step)  # dropout's masks: a function of the step, so resume is exact
+        # dropout masks come from torch's global generator: seeded from the step, so a resumed run draws the same
+        torch.manual_seed(settings["seed"] * 2**32 + step)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings, step)
         batch = images[torch.randint(len(images), (settings["batch_size"],), generator=generator)].to(device)
