@@ -50,9 +50,9 @@ from search_spaces import load_preset
 # Sizes per mode. cm_trials/dm_trials: search budget (baselines included); *_final: held-out samples;
 # search_flags: added to every search (smoke: small evaluations, so the script's paths are checked in seconds).
 SETTINGS: dict[str, dict[str, Any]] = {
-    "smoke": dict(seeds=[0], cm_trials=12, dm_trials=10, cm_final=1000, dm_final=500, top_k=2, dm_nfes=[5],
+    "smoke": dict(seeds=[0], cm_trials=12, dm_trials=10, cm_final=300, dm_final=300, top_k=2, dm_nfes=[5],
                   fractions=[1 / 2], subset_trials=12, optimizers=["TwoPointsDE"], opt_seeds=[0], opt_trials=15,
-                  opt_samples=500, midpoints=[10], merge=["--checkpoints", "4", "--repeats", "2"],
+                  opt_samples=200, midpoints=[10], merge=["--checkpoints", "4", "--repeats", "2"],
                   fid=["--repeats", "1"], overhead=["--trials", "10"], sampling=["--samples", "500", "--repeats", "1"],
                   search_flags=["--fid-samples", "200", "--rounds", "50,100", "--heldout-seeds", "2"]),
     "quick": dict(seeds=[0, 1, 2], cm_trials=150, dm_trials=60, cm_final=4000, dm_final=2000, top_k=3,

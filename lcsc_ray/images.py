@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.utils import save_image
 
 from lcsc_ray.atomic import atomic_path, atomic_write
 from lcsc_ray.noise import FixedNoise
@@ -20,6 +19,10 @@ def write_sample_grid(run: RunInfo, net: nn.Module, path: Path, count: int = 100
                       sampler: Sampler | None = None) -> Path:
     """Sample `count` images with fixed noise (the run's default sampler unless `sampler` is given) and save
     them as a square grid, upscaled `scale`x (nearest) so small images stay legible."""
+    # imported here: `import torchvision` loads its models and torch's compiler (about 1.5 s), which every
+    # driver and Ray worker would otherwise pay at start-up although grids are written only at the end
+    from torchvision.utils import save_image
+
     images = (sampler or build_sampler(run)).sample(net, FixedNoise(seed, run.image_shape), 0, count)
     images = torch.nn.functional.interpolate((images + 1) / 2, scale_factor=scale, mode="nearest")
     nrow = max(1, int(count**0.5))

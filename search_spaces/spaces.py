@@ -24,11 +24,14 @@ from __future__ import annotations
 import difflib
 import math
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
-import nevergrad as ng
 import numpy as np
 
 from lcsc_ray.errors import LcscError
+
+if TYPE_CHECKING:
+    import nevergrad as ng
 
 DEFAULT_BOUND = 10.0
 SPACE_FORMS = ("full", "affine", "grouped:G")
@@ -67,6 +70,8 @@ class CoefficientSpace(ABC):
 
     def parametrization(self) -> ng.p.Dict:
         """A fresh `ng.p.Dict(alpha=Array[D])`, bounded with clipping, centred on `init_value()`."""
+        import nevergrad as ng  # here, not at the top: Ray workers decode spaces and never need Nevergrad
+
         array = ng.p.Array(init=self.init_value())
         array.set_mutation(sigma=self.sigma)
         array.set_bounds(-self.bound, self.bound, method="clipping", full_range_sampling=False)
