@@ -145,7 +145,7 @@ def search(args: argparse.Namespace, run_dir: Path, stats: Path, extractor: str,
     cmd = [sys.executable, "launch/tune_cm.py", "--preset", "cifar10-cm", "--ckpt-dir", str(run_dir),
            "--ref-stats", str(stats), "--extractor", extractor, "--num-trials", str(args.trials),
            "--fid-samples", str(args.samples), "--final-samples", str(args.final_samples),
-           "--heldout-seeds", str(args.heldout_seeds),
+           *(["--heldout-seeds", str(args.heldout_seeds)] if args.heldout_seeds is not None else []),
            "--batch-size", str(args.batch_size), "--top-k", "2", "--ema", "0.999", "--device", args.device,
            *resources, "--max-concurrent", str(concurrent), "--storage", str(tmp / "storage"), "--name", name,
            "--no-dashboard", "--quiet"]
@@ -179,8 +179,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=24, help="search budget of every search, baselines included")
     parser.add_argument("--samples", type=int, default=256, help="samples per trial")
     parser.add_argument("--final-samples", type=int, default=512, help="samples per held-out re-scoring")
-    parser.add_argument("--heldout-seeds", type=int, default=5, help="held-out noise seeds of the re-scoring "
-                        "(tune_cm's default)")
+    parser.add_argument("--heldout-seeds", type=int, default=None, help="held-out noise seeds of the re-scoring "
+                        "(default: tune_cm's)")
     parser.add_argument("--reference-images", type=int, default=1024, help="random images behind the statistics")
     parser.add_argument("--batch-size", type=int, default=256, help="sampling and feature batch size")
     parser.add_argument("--shares", default=None, help="device share per trial, comma separated; the concurrent "

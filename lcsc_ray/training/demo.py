@@ -28,8 +28,8 @@ DEMO_SETTINGS = {"data": "digits", "steps": 3000, "save_every": 30, "batch_size"
                  "ema_decay": 0.999, "warmup": 200, "model_kwargs": DEMO_MODEL}
 DEMO_CURRICULUM = {"s1": 320, "curriculum_end": 0.6}  # CT only: N held at 320 for the last 40% of training
 # CT learns faster at 1e-3 (EMA fd_digits 96 vs 144 at step 2,100, measured); the DM is good at 3e-4.
-# CT with dropout 0.2 (the same masks for target and prediction, lcsc_ray/training/ct.py) ended every training
-# seed tried with an EMA fd_digits of 40-46 at step 3,000; without dropout 52, 93 and 93 (measured).
+# CT with dropout 0.2 (the same masks for target and prediction, lcsc_ray/training/ct.py): training seeds 0, 1, 2
+# end with a held-out training-EMA fd_digits of 60, 57, 52; without dropout 50, 95, 95 (docs/RESULTS.md).
 DEFAULTS: dict[str, dict] = {"cm": {**DEMO_SETTINGS, "lr": 1e-3, "loss_settings": DEMO_CURRICULUM,
                                     "model_kwargs": {**DEMO_MODEL, "dropout": 0.2}},
                              "dm": {**DEMO_SETTINGS, "loss_settings": {}}}
