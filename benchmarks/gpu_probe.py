@@ -30,6 +30,7 @@ from lcsc_ray.features import build_extractor
 from lcsc_ray.features.inception import hub_weights_path
 from lcsc_ray.reference_stats import ReferenceStats, save_reference_stats
 from lcsc_ray.run_folder import load_run
+from lcsc_ray.run_formats import build_network
 from lcsc_ray.scoring import CandidateScorer, ScoringSpec
 from lcsc_ray.stack import CheckpointStack
 from lcsc_ray.statistics import RunningStats
@@ -60,7 +61,7 @@ def write_run(folder: Path, num_checkpoints: int, model: dict = CIFAR_UNET) -> P
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps(config))
     torch.manual_seed(0)
-    state = {k: v.detach().clone() for k, v in load_run(folder).build_network().state_dict().items()}
+    state = {k: v.detach().clone() for k, v in build_network(load_run(folder)).state_dict().items()}
     for index in range(num_checkpoints):
         for tensor in state.values():
             if tensor.is_floating_point():
@@ -100,7 +101,7 @@ def main() -> None:
         folder = write_run(Path(tmp) / "run", args.checkpoints)
         files = discover_checkpoints(folder / "checkpoints")
         stack = CheckpointStack.from_files(files, device=device)
-        net = load_run(folder).build_network().to(device).eval().requires_grad_(False)
+        net = build_network(load_run(folder)).to(device).eval().requires_grad_(False)
         num_params = sum(p.numel() for p in net.parameters())
         alpha = np.random.default_rng(0).normal(size=len(files))
         alpha /= alpha.sum()

@@ -186,6 +186,12 @@ def select_checkpoints(files: Sequence[CheckpointFile], *, window: int | None = 
 # ----------------------------------------------------------------------------------------------------
 
 
+def exclude_hint(file: CheckpointFile) -> str:
+    """The remedy for one bad checkpoint that every message names the same way: the flag that drops its step
+    (a new selection, so a new search rather than a resumed one)."""
+    return f"leave step {file.step} out with --exclude-steps {file.step}"
+
+
 def _is_state_dict(obj: object) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
@@ -230,15 +236,15 @@ def _load_safetensors(file: CheckpointFile, ckpt_key: str | None) -> LoadedCheck
             metadata = handle.metadata()
     except (SafetensorError, OSError, ValueError) as error:
         raise LcscError(f"{file.path}: unreadable or truncated safetensors file ({error}); "
-                        "re-save it or leave it out of the selection") from error
+                        f"re-save it, or {exclude_hint(file)}") from error
     if not tensors:
-        raise LcscError(f"{file.path}: holds no tensors; leave it out of the selection")
+        raise LcscError(f"{file.path}: holds no tensors; {exclude_hint(file)}")
     return LoadedCheckpoint(tensors, (), metadata)
 
 
-def _load_torch(file: CheckpointFile, ckpt_key: str | None) -> LoadedCheckpoint:
+def _load_torch(file: CheckpointFile, ckpt_key: str | None, mmap: bool = False) -> LoadedCheckpoint:
     try:
-        obj = torch.load(file.path, map_location="cpu", weights_only=True)
+        obj = torch.load(file.path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise LcscError(f"{file.path}: holds objects other than tensors and plain containers, which are "
                         "not unpickled for safety; re-save only the state dict (torch.save(model.state_dict()))"
@@ -246,7 +252,7 @@ def _load_torch(file: CheckpointFile, ckpt_key: str | None) -> LoadedCheckpoint:
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise LcscError(f"{file.path}: unreadable or truncated checkpoint ({first}); "
-                        "re-save it or leave it out of the selection") from error
+                        f"re-save it, or {exclude_hint(file)}") from error
     key_path, state = _resolve_key(obj, file.path, ckpt_key)
     return LoadedCheckpoint(dict(state), key_path, None)
 
@@ -255,6 +261,30 @@ def pickle_refusal(path: Path) -> str:
     """The line that refuses to unpickle `path` without the user's explicit trust."""
     return (f"{path}: a pickled network snapshot; unpickling runs code stored in the file, so it is only loaded "
             "when you trust its source: add --trust-pickle")
+
+
+class MissingModule(LcscError):
+    """A pickled network whose classes need a module that does not import (the code base is not on the path)."""
+
+    def __init__(self, module: str, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.module = module
+        self.path = path
+
+    def for_code_dir(self, code_dir: str | None) -> LcscError:
+        """The error to show when the user passed `--code-dir` (itself when not): whether that folder lacks the
+        package altogether or has it without this module (another code base or version)."""
+        if not code_dir:
+            return self
+        folder = Path(code_dir).expanduser().resolve()
+        top = self.module.split(".")[0]
+        if (folder / top).exists() or (folder / f"{top}.py").exists():
+            return LcscError(f"--code-dir {folder}: has {top} but not the module {self.module!r} that "
+                             f"{self.path.name} needs, so it is likely another code base or version than the one "
+                             "that wrote the run; pass that code base's repository")
+        return LcscError(f"--code-dir {folder}: holds no {top}/ (the module {self.module!r} that {self.path.name} "
+                         "needs); point it at the root folder of the training code base's repository (for NVlabs "
+                         "code bases, the one holding torch_utils/ and dnnlib/)")
 
 
 def unpickle_snapshot(path: Path, trust_pickle: bool) -> Mapping:
@@ -267,8 +297,9 @@ def unpickle_snapshot(path: Path, trust_pickle: bool) -> Mapping:
             data = pickle.load(handle)  # noqa: S301 - the user passed --trust-pickle for these files
     except (ModuleNotFoundError, AttributeError) as error:
         module = getattr(error, "name", None) or str(error)
-        raise LcscError(f"{path}: its network class needs module {module!r}, which cannot be imported; put the "
-                        "training code base on PYTHONPATH (or pass --code-dir DIR)") from None
+        raise MissingModule(module, f"{path}: its network class needs module {module!r}, which cannot be "
+                            "imported; put the training code base on PYTHONPATH (or pass --code-dir DIR)",
+                            path) from None
     except (pickle.UnpicklingError, EOFError, OSError, ValueError) as error:
         raise LcscError(f"{path}: unreadable or truncated pickle ({error}); re-save it or leave it out") from None
     if not isinstance(data, Mapping) or not isinstance(data.get("ema"), torch.nn.Module):
@@ -304,17 +335,21 @@ def layout_difference(reference: Mapping[str, torch.Tensor], state: Mapping[str,
 
 
 def load_checkpoint(file: CheckpointFile, ckpt_key: str | None = None,
-                    strip_prefix: str | None = None, trust_pickle: bool = False) -> LoadedCheckpoint:
+                    strip_prefix: str | None = None, trust_pickle: bool = False, *,
+                    mmap: bool = False) -> LoadedCheckpoint:
     """Load one checkpoint safely and check that every floating-point tensor is finite.
 
     `strip_prefix` removes a prefix every key carries (`module.` from a DDP-wrapped model). Returns the state
     dict with where it sat in the file, so an export can rebuild the same layout. Pickled snapshots load
-    only with `trust_pickle`.
+    only with `trust_pickle`. `mmap` maps the tensors of a zip-format `.pt` instead of copying them (torch
+    refuses it for the legacy format): the preflight's check of many files at once then holds no copies.
     """
     if file.format == "pickle":
         loaded = _load_pickle(file, ckpt_key, trust_pickle)
+    elif file.format == "safetensors":
+        loaded = _load_safetensors(file, ckpt_key)
     else:
-        loaded = (_load_safetensors if file.format == "safetensors" else _load_torch)(file, ckpt_key)
+        loaded = _load_torch(file, ckpt_key, mmap)
     if strip_prefix:
         without = [name for name in loaded.state_dict if not name.startswith(strip_prefix)]
         if without:
@@ -325,7 +360,7 @@ def load_checkpoint(file: CheckpointFile, ckpt_key: str | None = None,
     for name, tensor in loaded.state_dict.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise LcscError(f"{file.path}: tensor {name!r} holds NaN or Inf (the run diverged at step {file.step}); "
-                            f"leave it out with --exclude-steps {file.step}, or fix the run")
+                            f"{exclude_hint(file)}, or fix the run")
     return loaded
 
 

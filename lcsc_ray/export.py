@@ -6,8 +6,10 @@ the original container, such as optimizer state, are not carried). A `checkpoint
 folder holding the same weights file name, plus the input folder's `config.json` when it has one (a diffusers
 `unet/` folder: `UNet2DModel.from_pretrained(out)` loads the export). A pickled network snapshot (NVlabs EDM,
 EDM2, ECT) gives the newest snapshot's dict with its `ema` network holding the merged weights in the
-network's own dtypes (float16 for EDM2), so the code base's generate/metric scripts take it. The file and its JSON sidecar `<file>.json` (coefficients,
-steps, source files, metrics) are written atomically.
+network's own dtypes (float16 for EDM2), so the code base's generate/metric scripts take it; entries of that
+dict that do not survive a pickle round trip (ECT's loss object) are left out and named in the sidecar.
+Floating tensors identical in every checkpoint are the newest's, bit for bit (lcsc_ray/stack.py). The file
+and its JSON sidecar `<file>.json` (coefficients, steps, source files, metrics) are written atomically.
 """
 
 from __future__ import annotations
@@ -51,17 +53,15 @@ def export_merged(stack: CheckpointStack, alpha: np.ndarray | torch.Tensor, out_
     coefficients = np.asarray(alpha.detach().cpu() if isinstance(alpha, torch.Tensor) else alpha, dtype=np.float64)
     state = stack.merged_state_dict(coefficients)
     newest = stack.files[-1]
+    left_out: dict[str, str] = {}
     if newest.format == "safetensors":
         atomic_write(target, lambda tmp: save_file(state, str(tmp), metadata=stack.metadata))
         if newest.folder is not None and (newest.folder / "config.json").is_file():
             atomic_write(target.with_name("config.json"),
                          lambda tmp: shutil.copyfile(newest.folder / "config.json", tmp))
     elif newest.format == "pickle":
-        # The stack could only be built from these snapshots with --trust-pickle, so the newest one is unpickled
-        # again as the template of the export.
-        snapshot = unpickle_snapshot(newest.path, trust_pickle=True)
-        snapshot["ema"].load_state_dict(state, strict=True)  # copies into the module's own dtypes
-        atomic_write(target, lambda tmp: tmp.write_bytes(pickle.dumps(snapshot)))
+        payload, left_out = _snapshot_bytes(newest.path, state)
+        atomic_write(target, lambda tmp: tmp.write_bytes(payload))
     else:
         container: Any = state
         for key in reversed(stack.key_path):
@@ -75,7 +75,43 @@ def export_merged(stack: CheckpointStack, alpha: np.ndarray | torch.Tensor, out_
         "format": stack.files[-1].format,
         "ckpt_key": "/".join(stack.key_path) or None,
         "storage_dtype": str(stack.storage_dtype).removeprefix("torch."),
+        "copied_from_newest": stack.copied_float_tensors,
+        "left_out": left_out,
         "metrics": metrics or {},
         "extra": extra or {},
     })
     return target
+
+
+def _snapshot_bytes(newest: Path, state: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, str]]:
+    """The newest snapshot's dict with the merged weights in its `ema` module, pickled, and the entries left
+    out with why.
+
+    Code bases load a snapshot with `pickle.load(f)['ema']` (EDM2 also reads `encoder`). Some entries of an
+    unpickled snapshot no longer pickle into something loadable: ECT's loss object comes back without its
+    state and its re-pickled form fails to load. Every entry except `ema` is therefore kept only when it
+    survives a round trip, and the written bytes are loaded once more before they are trusted. The stack
+    was only built from these snapshots with --trust-pickle, so unpickling them again is allowed here.
+    """
+    snapshot = unpickle_snapshot(newest, trust_pickle=True)
+    snapshot["ema"].load_state_dict(state, strict=True)  # copies into the module's own dtypes
+    left_out = {}
+    for key in [key for key in snapshot if key != "ema"]:
+        try:
+            pickle.loads(pickle.dumps(snapshot[key]))  # noqa: S301 - our own bytes of a trusted snapshot
+        except Exception as error:  # noqa: BLE001 - any failure means the entry cannot travel
+            left_out[key] = f"does not survive a pickle round trip ({type(error).__name__}: {error})"
+            del snapshot[key]
+    payload = pickle.dumps(snapshot)
+    try:
+        reloaded = pickle.loads(payload)["ema"].state_dict()  # noqa: S301 - as above
+        intact = reloaded.keys() == state.keys() and all(
+            torch.equal(reloaded[name], tensor) for name, tensor in snapshot["ema"].state_dict().items())
+    except Exception as error:  # noqa: BLE001
+        raise LcscError(f"{newest}: its network module does not survive a pickle round trip "
+                        f"({type(error).__name__}: {error}), so no export of it would load; the coefficients "
+                        "are in the search's results.json") from None
+    if not intact:
+        raise LcscError(f"{newest}: its network module comes back from a pickle round trip with other weights; "
+                        "no export written (the coefficients are in the search's results.json)")
+    return payload, left_out

@@ -7,11 +7,12 @@ Layout:
     checkpoints_ema/ema_<step:07d>.safetensors the training EMA at the same steps
     resume.pt                                 optimizer/RNG state of the newest checkpoint (training only)
     done.json                                 completion marker with training statistics
-Later tools rebuild the network from run.json alone (`RunInfo.build_network`).
+Later tools rebuild the network from run.json alone (`lcsc_ray.run_formats.build_network`).
 
 A run written by another code base (diffusers, OpenAI consistency models, NVlabs pickles) has no run.json of
 ours: lcsc_ray/run_formats/ detects it and writes one (with `run_format`, `convention`, `checkpoints` and, where
-the network class lives in the user's code, `python_path`), which the search carries in its ScoringSpec.
+the network class lives in the user's code, `python_path`), which the search carries in its ScoringSpec. This
+module only reads and describes run.json; the formats (which build networks) import it, never the reverse.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
 
 from lcsc_ray.conventions import Convention, DiffusersConvention, build_convention
 from lcsc_ray.errors import LcscError
@@ -68,13 +68,6 @@ class RunInfo:
         """How the network is called and preconditioned (lcsc_ray/conventions.py)."""
         return build_convention(self.config, self.kind)
 
-    def build_network(self, trust_pickle: bool = False) -> nn.Module:
-        """The network whose state_dict the checkpoints hold (CPU, float32, eval mode), built the way the run's
-        format says: our factory registry, a diffusers config, or an unpickled snapshot (with `trust_pickle`)."""
-        from lcsc_ray.run_formats import get_format  # the formats build on RunInfo
-
-        return get_format(self.format).build_network(self, trust_pickle).float().eval()
-
 
 def validate_config(config: dict, source: str) -> None:
     """Raise LcscError naming `source` unless `config` has the fields every tool relies on."""
@@ -101,6 +94,15 @@ def validate_config(config: dict, source: str) -> None:
     paths = config.get("python_path", [])
     if not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
         raise LcscError(f"{source}: 'python_path' must be a list of folders, got {paths!r}")
+
+
+def code_folder(code_dir: str) -> Path:
+    """The absolute `--code-dir` folder, or LcscError when there is no such folder."""
+    folder = Path(code_dir).expanduser().resolve()
+    if not folder.is_dir():
+        raise LcscError(f"--code-dir {folder}: no such folder; pass the root folder of the training code base's "
+                        "repository (the one its network classes import from)")
+    return folder
 
 
 def add_python_path(folders: list[str]) -> None:

@@ -27,6 +27,7 @@ from lcsc_ray.images import write_sample_grid
 from lcsc_ray.noise import FixedNoise
 from lcsc_ray.reference_stats import load_reference_stats
 from lcsc_ray.run_folder import RunInfo, add_python_path, load_run, run_from_config
+from lcsc_ray.run_formats import build_network
 from lcsc_ray.sampling import Sampler, build_sampler, generate_batches
 from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack
 
@@ -72,7 +73,7 @@ def spec_run(spec: ScoringSpec) -> RunInfo:
 def build_pipeline(spec: ScoringSpec, run: RunInfo, device: torch.device) -> tuple[nn.Module, Sampler, Evaluator]:
     """Everything of the scorer but the stack: the run's network (eval mode, no grad), the sampler, and the
     evaluator with the reference statistics checked against the extractor. The preflight builds the same."""
-    net = run.build_network(spec.trust_pickle).to(device).eval().requires_grad_(False)
+    net = build_network(run, spec.trust_pickle).to(device).eval().requires_grad_(False)
     sampler = build_sampler(run, spec.sampler, **spec.sampler_options)
     extractor = build_extractor(spec.extractor, device=device, inception_weights=spec.inception_weights)
     reference = load_reference_stats(spec.reference_stats, extractor=extractor.name, dim=extractor.dim)

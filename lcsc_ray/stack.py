@@ -1,7 +1,9 @@
 """The checkpoint stack: K checkpoints flattened once into a [K, P] tensor, merged many times.
 
-θ(α) = Σᵢ αᵢ θᵢ over every floating-point tensor of the state dict; integer and
-bool buffers are copied from the newest checkpoint. A search evaluates thousands of α, so the merge is
+θ(α) = Σᵢ αᵢ θᵢ over every floating-point tensor that differs between the checkpoints; integer and
+bool buffers, and floating tensors identical in every selected checkpoint (constant buffers such as EDM's
+resample filters or EDM2's Fourier frequencies), are copied from the newest checkpoint: a merge whose Σα ≠ 1
+would otherwise scale them into values no checkpoint ever held. A search evaluates thousands of α, so the merge is
 one GEMV over the stack (memory-bandwidth bound) written straight into a flat float32 buffer that the
 resident model's parameters view: no allocation of size P and no disk I/O per merge.
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +153,11 @@ class CheckpointStack:
                       if base is not None else None)
 
     @property
+    def copied_float_tensors(self) -> list[str]:
+        """Floating tensors identical in every checkpoint: copied from the newest, never merged (module doc)."""
+        return [name for name, tensor in self.fixed.items() if tensor.is_floating_point()]
+
+    @property
     def data(self) -> torch.Tensor:
         """The [K, P] storage (θᵢ, or δᵢ for low-precision stacks); read it, never write it."""
         return self._data
@@ -190,12 +197,15 @@ class CheckpointStack:
         home = torch.device("cpu") if streamed else target
         data = torch.empty(len(files), num_params, dtype=storage_dtype, device=home, pin_memory=pin)
         base = _flatten(newest.state_dict, entries, target) if delta else None
+        constant = {e.name for e in entries} if len(files) > 1 else set()
         for row, file in enumerate(files):
             loaded = newest if file is newest_file else load_checkpoint(file, ckpt_key, strip_prefix, trust_pickle)
             difference = layout_difference(newest.state_dict, loaded.state_dict)
             if difference is not None:
                 raise LcscError(f"{file.path}: {difference} compared with {newest_file.path.name}; all checkpoints "
                                 "must come from one architecture: narrow the selection (--ckpt-pattern, --window)")
+            if loaded is not newest:
+                constant = {name for name in constant if torch.equal(loaded.state_dict[name], newest.state_dict[name])}
             flat = _flatten(loaded.state_dict, entries, target)
             if delta:
                 flat.sub_(base)
@@ -203,6 +213,13 @@ class CheckpointStack:
             if delta and not bool(torch.isfinite(data[row]).all()):
                 raise LcscError(f"{file.path}: its difference from {newest_file.path.name} overflows "
                                 f"{storage_dtype}; use --stack-dtype bfloat16 or float32")
+        if len(constant) == len(entries):
+            raise LcscError(f"the {len(files)} selected checkpoints ({files[0].path.name} .. {newest_file.path.name}) "
+                            "hold identical weights, so every merge is the same network; select checkpoints of a "
+                            "training run that changed (--window, --interval, --ckpt-select)")
+        if constant:
+            data, base, entries = _drop_columns(data, base, entries, constant)
+            fixed.update({name: newest.state_dict[name].clone() for name in constant})
         return cls(data=data, base=base, entries=entries, fixed=fixed, order=order, files=files,
                    key_path=newest.key_path, metadata=newest.metadata, device=target, streamed=streamed)
 
@@ -218,7 +235,8 @@ class CheckpointStack:
             "base": None if self._base is None else self._base.cpu().numpy(),
             "entries": [(e.name, e.shape, str(e.dtype).removeprefix("torch."), e.offset, e.numel)
                         for e in self.entries],
-            "fixed": {name: tensor.numpy() for name, tensor in self.fixed.items()},
+            "fixed": {name: (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+                      for name, tensor in self.fixed.items()},  # bfloat16 has no numpy dtype; float32 holds it exactly
             "fixed_dtypes": {name: str(tensor.dtype).removeprefix("torch.") for name, tensor in self.fixed.items()},
             "order": list(self.order),
             "files": [(str(f.path), f.step, f.format, None if f.folder is None else str(f.folder))
@@ -265,7 +283,7 @@ class CheckpointStack:
         The first call binds the model: its float32 tensors on the stack's device are re-pointed at
         slices of one flat buffer (bind before `torch.compile` or CUDA-graph capture; the storage then
         never moves), others receive a copy. Later calls reuse the binding: one GEMV, no allocation of
-        size P. Integer/bool buffers are copied from the newest checkpoint.
+        size P. Integer/bool buffers and constant floating tensors are copied from the newest checkpoint.
         """
         binding = self._bindings.get(model)
         if binding is None or not binding.is_current():
@@ -370,6 +388,34 @@ def _layout(newest: LoadedCheckpoint) -> tuple[list[TensorEntry], dict[str, torc
         else:
             fixed[name] = tensor.clone()
     return entries, fixed, list(newest.state_dict)
+
+
+def _drop_columns(data: torch.Tensor, base: torch.Tensor | None, entries: list[TensorEntry],
+                  dropped: set[str]) -> tuple[torch.Tensor, torch.Tensor | None, list[TensorEntry]]:
+    """The stack without the columns of the `dropped` entries, compacted in place (no second [K, P] buffer):
+    kept spans move left row by row, so every copy reads bytes not yet overwritten (a span that overlaps its
+    destination is cloned first)."""
+    kept, spans, offset = [], [], 0
+    for entry in entries:
+        if entry.name in dropped:
+            continue
+        if spans and spans[-1][0] + spans[-1][2] == entry.offset and spans[-1][1] + spans[-1][2] == offset:
+            spans[-1] = (spans[-1][0], spans[-1][1], spans[-1][2] + entry.numel)  # extends the previous span
+        else:
+            spans.append((entry.offset, offset, entry.numel))
+        kept.append(replace(entry, offset=offset))
+        offset += entry.numel
+    rows, width = data.shape
+    flat = data.view(-1)
+    for row in range(rows):
+        for source, target, numel in spans:
+            src, dst = row * width + source, row * offset + target
+            if src != dst:
+                block = flat[src:src + numel]
+                flat[dst:dst + numel].copy_(block if src - dst >= numel else block.clone())
+    if base is not None:
+        base = torch.cat([base[source:source + numel] for source, _, numel in spans])
+    return flat[:rows * offset].view(rows, offset), base, kept
 
 
 def _flatten(state: dict[str, torch.Tensor], entries: list[TensorEntry], device: torch.device) -> torch.Tensor:

@@ -72,7 +72,7 @@ def main(storage: str, name: str, num_trials: int) -> None:
 
     ray.init(num_cpus=1, include_dashboard=False)
     run_search(
-        gated_trainable, build_space(SPACE, K), optimizer="lcsc-es", num_trials=num_trials, seed=3,
+        gated_trainable, build_space(SPACE, K), optimizer="lcsc-es", num_trials=num_trials, seed=0,  # as resumed
         warm_start=BASELINES, storage=storage, name=name, resources={"cpu": 1}, progress=False,
     )
 

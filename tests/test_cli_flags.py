@@ -116,3 +116,53 @@ def test_preset_errors_are_one_line(tmp_path, values, kind, message):
     with pytest.raises(LcscError, match=message) as error:
         parse_args(["--preset", _preset(tmp_path, **values)], kind)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--num-trials", "0"], "argument --num-trials: must be >= 1, got 0"),
+    (["--num-trials", "-5"], "argument --num-trials: must be >= 1, got -5"),
+    (["--num-trials", "many"], "argument --num-trials: must be an integer >= 1, got 'many'"),
+    (["--fid-samples", "1"], "argument --fid-samples: must be >= 2, got 1"),
+    (["--final-samples", "0"], "argument --final-samples: must be >= 2, got 0"),
+    (["--heldout-seeds", "0"], "argument --heldout-seeds: must be >= 1, got 0"),
+    (["--pr-samples", "3"], "argument --pr-samples: must be >= 4, got 3"),
+    (["--noise-seed", "-1"], "argument --noise-seed: must be >= 0, got -1"),
+    (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["--bound", "0"], "argument --bound: must be > 0, got 0"),
+    (["--bound", "nan"], "argument --bound: must be > 0, got nan"),
+    (["--bound", "inf"], "argument --bound: must be > 0, got inf"),
+    (["--sigma", "-0.1"], "argument --sigma: must be > 0, got -0.1"),
+    (["--max-concurrent", "0"], "argument --max-concurrent: must be >= 1, got 0"),
+    (["--candidates-per-trial", "0"], "argument --candidates-per-trial: must be >= 1, got 0"),
+    (["--top-k", "0"], "argument --top-k: must be >= 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--window", "0"], "argument --window: must be >= 1, got 0"),
+    (["--interval", "0"], "argument --interval: must be >= 1, got 0"),
+    (["--max-checkpoints", "0"], "argument --max-checkpoints: must be >= 1, got 0"),
+    (["--nfe", "0"], "argument --nfe: must be >= 1, got 0"),
+    (["--coef-penalty", "-1"], "argument --coef-penalty: must be >= 0, got -1"),
+    (["--fresh-noise-every", "-1"], "argument --fresh-noise-every: must be >= 0, got -1"),
+    (["--reduction-factor", "1"], "argument --reduction-factor: must be > 1, got 1"),
+    (["--cpus-per-trial", "0"], "argument --cpus-per-trial: must be > 0, got 0"),
+    (["--gpus-per-trial", "-1"], "argument --gpus-per-trial: must be >= 0, got -1"),
+    (["--max-failures", "-1"], "argument --max-failures: must be >= 0, got -1"),
+])
+def test_flag_ranges_are_checked_by_the_parser(argv, message, capsys):
+    """Out-of-range numbers end in argparse's one line and exit 2 while parsing, before any run is loaded."""
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(argv, "cm")
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")
+
+
+@pytest.mark.parametrize("argv", [["--num-trials", "1", "--fid-samples", "2", "--seed", "0", "--noise-seed", "0",
+                                   "--bound", "0.5", "--coef-penalty", "0", "--fresh-noise-every", "0",
+                                   "--max-failures", "0", "--gpus-per-trial", "0"]])
+def test_flag_ranges_accept_their_limits(argv):
+    args = parse_args(argv, "cm")
+    assert (args.num_trials, args.fid_samples, args.seed, args.bound) == (1, 2, 0, 0.5)
+
+
+def test_a_preset_number_out_of_range_is_refused_in_one_line(tmp_path):
+    with pytest.raises(LcscError, match=r"^--preset mine: num_trials must be >= 1, got 0$"):
+        parse_args(["--preset", _preset(tmp_path, num_trials=0)], "cm")

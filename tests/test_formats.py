@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from lcsc_ray.errors import LcscError
 from lcsc_ray.export import export_merged
 from lcsc_ray.noise import FixedNoise
 from lcsc_ray.precond import SigmaConfig
-from lcsc_ray.run_formats import ForeignHints, resolve_run
+from lcsc_ray.run_formats import ForeignHints, build_network, resolve_run
+from lcsc_ray.run_formats.nvlabs import network_class_name
 from lcsc_ray.sampling import build_sampler
 from lcsc_ray.stack import CheckpointStack
 
@@ -36,9 +39,11 @@ OPENAI_HINTS = ForeignHints(model_factory="fixture_nets.openai_like:create_model
 TRUSTED = ForeignHints(trust_pickle=True, code_dir=str(TESTS))
 
 
-def _merged_by_hand(files: list[CheckpointFile], trust: bool = False) -> dict[str, torch.Tensor]:
+def _merged_by_hand(files: list[CheckpointFile], trust: bool = False, alpha: np.ndarray = ALPHA) -> dict[str, torch.Tensor]:
+    """Σ αᵢ θᵢ per tensor, except tensors identical in every file, which are the newest's."""
     states = [load_checkpoint(f, trust_pickle=trust).state_dict for f in files]
-    return {k: sum(a * s[k].double() for a, s in zip(ALPHA, states)) for k in states[0]}
+    return {k: states[-1][k].double() if all(torch.equal(s[k], states[-1][k]) for s in states)
+            else sum(a * s[k].double() for a, s in zip(alpha, states)) for k in states[0]}
 
 
 def _assert_state_equal(state: dict, expected: dict, atol: float = 1e-6) -> None:
@@ -79,7 +84,7 @@ def test_diffusers_merge_export_loads_with_from_pretrained_and_samples_share_noi
     export_merged(stack, ALPHA, tmp_path / "merged")
     loaded = UNet2DModel.from_pretrained(tmp_path / "merged")
     _assert_state_equal(loaded.state_dict(), expected)
-    net = resolved.run.build_network()
+    net = build_network(resolved.run)
     stack.merge_into(net, ALPHA)
     noise = FixedNoise(3, (1, 8, 8))
     for name in ("ddim", "dpmsolver++"):
@@ -206,16 +211,28 @@ def test_nvlabs_snapshots_detect_merge_and_export_as_pickles(kind, tmp_path):
     assert run.convention.name == ("ect" if kind == "ect" else "edm") and run.kind == ("cm" if kind == "ect" else "dm")
     assert run.convention.num_classes == (10 if kind == "edm" else 0) and run.image_shape == (1, 8, 8)
     stack = CheckpointStack.from_files(resolved.files, trust_pickle=True)
-    expected = _merged_by_hand(resolved.files, trust=True)
-    _assert_state_equal(stack.merged_state_dict(ALPHA), expected, atol=1e-3 if kind == "edm2" else 1e-6)
-    export = export_merged(stack, ALPHA, tmp_path / "merged.pkl")
-    with open(export, "rb") as handle:
+    alpha = 2 * ALPHA  # Σα = 2: a merged constant buffer would come out doubled
+    expected = _merged_by_hand(resolved.files, trust=True, alpha=alpha)
+    newest = load_checkpoint(resolved.files[-1], trust_pickle=True).state_dict
+    assert stack.copied_float_tensors == ["resample_filter"]
+    assert torch.equal(stack.merged_state_dict(alpha)["resample_filter"], newest["resample_filter"])
+    _assert_state_equal(stack.merged_state_dict(alpha), expected, atol=2e-3 if kind == "edm2" else 1e-6)
+    export = export_merged(stack, alpha, tmp_path / "merged.pkl")
+    with open(export, "rb") as handle:  # the code bases' own loader: pickle.load(f)['ema']
         snapshot = pickle.load(handle)
-    assert set(snapshot) == {"ema", "loss_fn", "augment_pipe", "dataset_kwargs"}
+    sidecar = json.loads(export.with_name(export.name + ".json").read_text())
+    if kind == "ect":  # its loss object does not survive a second pickling: left out, and said so
+        assert set(snapshot) == {"ema", "augment_pipe", "dataset_kwargs"}
+        assert "TypeError" in sidecar["left_out"]["loss_fn"]
+    else:
+        assert set(snapshot) == {"ema", "loss_fn", "augment_pipe", "dataset_kwargs"} and sidecar["left_out"] == {}
+    assert snapshot["dataset_kwargs"] == {"resolution": 8} and snapshot["augment_pipe"] is None
+    assert sidecar["copied_from_newest"] == ["resample_filter"]
     dtype = torch.float16 if kind == "edm2" else torch.float32
     assert all(t.dtype == dtype for t in snapshot["ema"].state_dict().values())
-    _assert_state_equal(snapshot["ema"].state_dict(), expected, atol=2e-3 if kind == "edm2" else 1e-6)
-    net = run.build_network(trust_pickle=True)
+    assert torch.equal(snapshot["ema"].resample_filter, newest["resample_filter"])
+    _assert_state_equal(snapshot["ema"].state_dict(), expected, atol=4e-3 if kind == "edm2" else 1e-6)
+    net = build_network(run, trust_pickle=True)
     stack.merge_into(net, ALPHA)
     sampler = build_sampler(run, "multistep" if kind == "ect" else "heun", nfe=3 if kind != "ect" else None,
                             **({"steps": 18, "ts": [0, 10]} if kind == "ect" else {}))
@@ -330,3 +347,100 @@ def test_the_runs_other_saved_trajectories_become_baselines(diffusers_dir, opena
             expected = resolved.trajectories[name][-1]
             assert (baseline.file.path, baseline.file.step) == (expected.path, resolved.files[-1].step)
             assert set(load_checkpoint(baseline.file).state_dict) == set(load_checkpoint(resolved.files[-1]).state_dict)
+
+
+def test_ect_runs_sample_the_way_ects_own_sampler_does(tmp_path):
+    """ECT's few-step `generator_fn` written out: x = 80·z; x = net(x, t) in float64; re-noise x + t_next·z,
+    with no clamp between the steps. Without sampler flags an ECT run uses its defaults (80, 0.821)."""
+    folder = runs.nvlabs_run(tmp_path / "ect", "ect")
+    run = resolve_run(folder, hints=TRUSTED).run
+    net = build_network(run, trust_pickle=True)
+    net.load_state_dict(load_checkpoint(CheckpointFile(folder / "network-snapshot-000300.pkl", 300, "pickle"),
+                                        trust_pickle=True).state_dict)
+    sampler = build_sampler(run, "multistep")
+    assert sampler.sigmas == (80.0, 0.821) and sampler.nfe == 2
+    noise = FixedNoise(5, run.image_shape)
+    x = noise.normal(0, 0, 6).double() * 80.0
+    first_estimate = None
+    for k, (t, t_next) in enumerate(((80.0, 0.821), (0.821, 0.0))):
+        x = net(x, torch.full((6,), t, dtype=torch.float64)).double()
+        first_estimate = x.clone() if first_estimate is None else first_estimate
+        if t_next > 0:
+            x = x + t_next * noise.normal(k + 1, 0, 6).double()
+    assert first_estimate.abs().max() > 1  # a clamp between the steps would have changed this reference
+    ours = sampler.sample(net, noise, 0, 6)
+    assert torch.allclose(ours.double(), x.clamp(-1, 1), atol=1e-5, rtol=0)
+
+
+def test_merge_command_takes_code_dir_and_says_what_a_wrong_one_lacks(tmp_path):
+    """lcsc-merge in a process whose Python path lacks the network's code: its module is named; --code-dir of a
+    folder without it says that folder lacks it; the right --code-dir merges and exports."""
+    folder = runs.nvlabs_run(tmp_path / "edm", "edm")
+    out = tmp_path / "merged.pkl"
+    command = [sys.executable, str(TESTS.parent / "launch" / "merge_checkpoints.py"), str(folder), "--trust-pickle",
+               "--profile", "uniform", "--out", str(out)]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+
+    def merge(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command + list(extra), cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    missing = merge()
+    assert missing.returncode == 2 and "needs module 'fixture_nets'" in missing.stderr, missing.stderr
+    wrong = merge("--code-dir", str(tmp_path))
+    assert wrong.returncode == 2 and f"--code-dir {tmp_path}: holds no fixture_nets/" in wrong.stderr, wrong.stderr
+    assert not out.exists()
+    done = merge("--code-dir", str(TESTS))
+    assert done.returncode == 0 and out.is_file(), done.stderr
+
+
+def test_run_json_names_a_persistent_class_by_the_class_it_wraps():
+    """NVlabs' persistence subclasses each network class as `persistent_class.<locals>.Decorator`."""
+    from fixture_nets.edm_like import TinyEDMPrecond
+
+    def persistent_class(cls):
+        class Decorator(cls):
+            pass
+
+        return Decorator
+
+    assert network_class_name(persistent_class(TinyEDMPrecond)()) == "fixture_nets.edm_like.TinyEDMPrecond"
+    assert network_class_name(TinyEDMPrecond()) == "fixture_nets.edm_like.TinyEDMPrecond"
+
+
+def test_ema_trajectories_are_known_per_format(tmp_path, diffusers_dir, openai_dir):
+    """Which trajectories hold EMA weights (their ema_*/phema_* profiles would be EMAs of EMAs)."""
+    assert not resolve_run(diffusers_dir, select="unet").holds_ema
+    assert resolve_run(diffusers_dir, select="unet_ema").holds_ema
+    assert not resolve_run(openai_dir, select="raw", hints=OPENAI_HINTS).holds_ema
+    assert resolve_run(openai_dir, select="ema_0.999", hints=OPENAI_HINTS).holds_ema
+    for kind, select in (("edm", None), ("ect", None), ("edm2", "0.050")):
+        assert resolve_run(runs.nvlabs_run(tmp_path / kind, kind), select=select, hints=TRUSTED).holds_ema
+
+
+def test_edm2_runs_get_posthoc_ema_reconstructed_from_both_widths(tmp_path, monkeypatch):
+    """EDM2 snapshots are EMAs of two widths: the other width is a baseline as saved, and other widths are
+    rebuilt from every snapshot of both widths with EDM2's closed-form coefficients (in float16, like EDM2's
+    own reconstruction), written once to the cache."""
+    from lcsc_ray.baseline_checkpoints import extra_baselines
+    from lcsc_ray.posthoc_ema import edm2_kimg_to_nimg, posthoc_coefficients
+
+    monkeypatch.setenv("LCSC_RAY_CACHE", str(tmp_path / "cache"))
+    folder = runs.nvlabs_run(tmp_path / "edm2", "edm2")
+    resolved = resolve_run(folder, select="0.050", hints=TRUSTED)
+    extra = extra_baselines(resolved.run, resolved.files, (0.075, 0.1, 0.15))
+    assert [e.name for e in extra] == ["training_0.100", "phema_0.075", "phema_0.15"]  # 0.1 is saved, not rebuilt
+    inputs = [(width, f) for width in ("0.050", "0.100") for f in resolved.trajectories[width]]
+    coefficients = posthoc_coefficients([edm2_kimg_to_nimg(f.step) for _, f in inputs],
+                                        [float(w) for w, _ in inputs], edm2_kimg_to_nimg(300), [0.075, 0.15])
+    states = [load_checkpoint(f, trust_pickle=True).state_dict for _, f in inputs]
+    for column, baseline in enumerate(extra[1:]):
+        rebuilt = load_checkpoint(baseline.file).state_dict
+        assert baseline.file.step == 300 and set(rebuilt) == set(states[-1])
+        assert torch.equal(rebuilt["resample_filter"], states[-1]["resample_filter"])  # constant: never merged
+        for name, tensor in rebuilt.items():
+            expected = sum(float(coefficients[i, column]) * s[name].double() for i, s in enumerate(states))
+            if name != "resample_filter":
+                assert tensor.dtype == torch.float16 and torch.allclose(tensor.double(), expected, atol=2e-3), name
+    again = extra_baselines(resolved.run, resolved.files, (0.075, 0.15))
+    assert [e.file.path for e in again[1:]] == [e.file.path for e in extra[1:]]  # reused from the cache

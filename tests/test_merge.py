@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint_runs import tiny_model, write_run
+from checkpoint_runs import run_states, tiny_model, write_run
 from lcsc_ray.checkpoints import discover_checkpoints, load_state_dict
 from lcsc_ray.cli import main_merge
 from lcsc_ray.errors import LcscError
@@ -343,3 +343,40 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys, monkeypatch):
     assert script.returncode == 2 and script.stderr.startswith("error: ") and "not found" in script.stderr
     assert "--stack-dtype" in subprocess.run([sys.executable, str(REPO / "launch" / "merge_checkpoints.py"), "--help"],
                                              capture_output=True, text=True, timeout=120).stdout
+
+
+@pytest.mark.parametrize("dtype,stream", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_constant_float_tensors_are_copied_from_the_newest_never_merged(tmp_path, dtype, stream):
+    """A float tensor identical in every checkpoint (a constant buffer such as a resample filter) keeps its
+    value bit for bit under Σα ≠ 1, in the stack, its payload, a bound model and the export; every tensor
+    that differs is still Σ αᵢ θᵢ."""
+    states = run_states(STEPS)
+    for state in states.values():
+        state["1.running_var"] = torch.linspace(0.5, 1.5, 8)  # constant: the same in every checkpoint
+    for step, state in states.items():
+        save_file(state, str(tmp_path / f"model_{step:07d}.safetensors"))
+    files = discover_checkpoints(tmp_path)
+    alpha = ALPHA * 2  # Σα = 1.5
+    stack = CheckpointStack.from_files(files, storage_dtype=dtype, stream=stream)
+    assert stack.copied_float_tensors == ["1.running_var"]
+    assert stack.num_params == sum(t.numel() for t in states[STEPS[0]].values() if t.is_floating_point()) - 8
+    reference = reference_merge(files, alpha)
+    reference["1.running_var"] = states[STEPS[-1]]["1.running_var"].double()
+    for candidate in (stack, CheckpointStack.from_payload(pickle.loads(pickle.dumps(stack.to_payload())))):
+        merged = candidate.merged_state_dict(alpha)
+        assert torch.equal(merged["1.running_var"], states[STEPS[-1]]["1.running_var"])
+        assert max_relative_error(merged, reference) <= (1e-6 if dtype == torch.float32 else 5e-2)
+        model = tiny_model()
+        candidate.merge_into(model, alpha)
+        assert torch.equal(model.state_dict()["1.running_var"], states[STEPS[-1]]["1.running_var"])
+        assert max_relative_error(model.state_dict(), reference) <= (1e-6 if dtype == torch.float32 else 5e-2)
+    exported = load_file(str(export_merged(stack, alpha, tmp_path / "out.safetensors")))
+    assert torch.equal(exported["1.running_var"], states[STEPS[-1]]["1.running_var"])
+
+
+def test_identical_checkpoints_are_refused(tmp_path):
+    state = tiny_model().state_dict()
+    for step in (1, 2):
+        save_file(state, str(tmp_path / f"model_{step:07d}.safetensors"))
+    with pytest.raises(LcscError, match="hold identical weights"):
+        CheckpointStack.from_files(discover_checkpoints(tmp_path))

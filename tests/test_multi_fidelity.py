@@ -162,11 +162,11 @@ def test_asha_search_stops_trials_and_tells_each_with_its_comparable_score(local
     record = load_record({"lcsc_candidate": str(next(iter(
         (tmp_path / "asha" / "candidates").glob(f"{stopped[0].index:06d}-*.npy"))))})
     assert [r["num_samples"] for r in record] == list(ROUNDS[:len(record)]) and not record[-1][FULL_FIDELITY_KEY]
-    changed = r"ran with --scheduler asha, not fifo; --rounds/--fid-samples \[100, 200, 400\], not \[400\]: resume"
-    with pytest.raises(LcscError, match=changed):  # every difference named in one line
-        run_search(trainable, space, optimizer="CMA", num_trials=num_trials, seed=0, storage=tmp_path, name="asha",
+    changed = "started with --seed 0 --scheduler asha, not --seed 1 --scheduler fifo; rerun with the original"
+    with pytest.raises(LcscError, match=changed):  # every difference named in one line (the rounds follow)
+        run_search(trainable, space, optimizer="CMA", num_trials=num_trials, seed=1, storage=tmp_path, name="asha",
                    resume=True, progress=False, scheduler="fifo", rounds=(ROUNDS[-1],))
-    with pytest.raises(LcscError, match="ran with --coef-penalty 0.0, not 1.0: resume with the same flags"):
+    with pytest.raises(LcscError, match="started with --coef-penalty 0.0, not --coef-penalty 1.0; rerun"):
         run_search(trainable, space, optimizer="CMA", num_trials=num_trials, seed=0, storage=tmp_path, name="asha",
                    resume=True, progress=False, scheduler="asha", rounds=ROUNDS,
                    objective=SearchObjective(coef_penalty=1.0))

@@ -9,8 +9,10 @@
 - kill -9 of an ASHA search's driver mid-round: the resumed search replays recorded rounds and evaluates no
   round of any candidate twice.
 - A trial process killed while the search runs is retried (`FailureConfig`) and the search completes.
-- A checkpoint with NaN weights that only the workers read (the preflight reads the oldest and newest)
-  stops the search with one line naming its step and exit status 2; once fixed, `--resume` completes.
+- A checkpoint that gets NaN weights after the preflight read it (a flaky disk), so that only the workers see
+  them, stops the search with one line naming its step and exit status 2; once fixed, `--resume` completes.
+- A stopped search resumed with another --sampler and --noise-seed is refused in one line before Ray starts
+  (exit 2, nothing evaluated); resumed unchanged it completes (test_resume_identity.py walks every setting).
 """
 
 from __future__ import annotations
@@ -249,12 +251,19 @@ def test_nan_checkpoint_found_by_the_workers_stops_with_one_line_and_resume_fini
     state = load_file(victim)
     tensor = next(k for k, v in state.items() if v.is_floating_point())
     state[tensor] = torch.full_like(state[tensor], float("nan"))
-    save_file(state, victim)
+    damaged = victim.with_name(".damaged")
+    save_file(state, damaged)
     storage, name, num_trials = tmp_path / "storage", "nan", 10
     args = ["--ckpt-dir", str(run), "--num-trials", str(num_trials), "--storage", str(storage), "--name", name,
             "--no-dashboard", *FAST]
     log = tmp_path / "nan.log"
-    code = run_driver(args, log)
+    driver = start_driver(args, log)
+    try:  # damaged once the preflight has read every checkpoint (a flaky disk): only the workers see it
+        wait_for(lambda: "preflight:" in log.read_text(), 120, "the preflight's line", driver, poll=0.05)
+        os.replace(damaged, victim)
+        code = driver.wait(timeout=240)
+    finally:
+        kill_session(driver.pid)
     message = last_line(log)
     assert code == 2, log.read_text()[-3000:]
     assert message.startswith(f"error: {victim}: tensor {tensor!r} holds NaN or Inf (the run diverged at step 30)")
@@ -269,3 +278,27 @@ def test_nan_checkpoint_found_by_the_workers_stops_with_one_line_and_resume_fini
     results = _results(storage / name)
     assert results["search"]["trials_completed"] == num_trials and results["search"]["trials_errored"] == 0
     assert results["search"]["trials_failed"] == 0
+
+
+def test_resume_with_other_settings_is_refused_before_ray_and_unchanged_completes(tiny_cm_run, tmp_path):
+    storage, name, num_trials = tmp_path / "storage", "identity", 20
+    exp_dir = storage / name
+    args = ["--ckpt-dir", str(tiny_cm_run), "--num-trials", str(num_trials), "--storage", str(storage),
+            "--name", name, "--no-dashboard", *FAST]
+    log = tmp_path / "first.log"
+    code = _stop(start_driver(args, log), exp_dir, 6, lambda pid: os.killpg(pid, signal.SIGINT))
+    resume = _assert_stopped(log, exp_dir, code, name, num_trials)
+    records = _records(exp_dir)
+
+    log = tmp_path / "changed.log"
+    code = run_driver([*resume, "--sampler", "multistep", "--noise-seed", "3"], log)
+    text = log.read_text()
+    assert code == 2, text[-3000:]
+    assert last_line(log) == (f"error: --resume {name}: this experiment was started with --sampler onestep "
+                              "--noise-seed 0, not --sampler multistep --noise-seed 3; rerun with the original "
+                              "values or start a new --name")
+    assert "Started a local Ray" not in text and "Traceback" not in text
+    assert _records(exp_dir) == records, "a refused resume evaluates nothing"
+
+    _resume_to_completion(resume, tmp_path, driver_env(), exp_dir, num_trials)
+    assert len(load_searcher(exp_dir).told) == num_trials

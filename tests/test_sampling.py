@@ -10,6 +10,7 @@ from lcsc_ray.atomic import atomic_write_json
 from lcsc_ray.errors import LcscError
 from lcsc_ray.noise import BLOCK, FixedNoise
 from lcsc_ray.run_folder import load_run
+from lcsc_ray.run_formats import build_network
 from lcsc_ray.sampling import build_sampler, generate_batches
 from lcsc_ray.training.loop import make_config
 
@@ -25,7 +26,7 @@ def make_run(tmp_path, kind):
 
 def random_net(run):
     torch.manual_seed(1)
-    net = run.build_network()
+    net = build_network(run)
     nn.init.normal_(net.conv_out.weight, std=0.3)  # the zero init would make F trivially 0
     return net
 
@@ -93,7 +94,7 @@ def test_multistep_uses_per_step_noise(tmp_path):
     "kind,name,kwargs,expected",
     [
         ("cm", "onestep", {}, 1),
-        ("cm", "multistep", {"steps": 40, "ts": [0, 22, 39]}, 3),
+        ("cm", "multistep", {"steps": 40, "ts": [0, 22, 39]}, 2),  # none at σ_min, as OpenAI's sampler
         ("dm", "ddim", {"nfe": 7}, 7),
         ("dm", "dpmsolver++", {"nfe": 9, "order": 2}, 9),
         ("dm", "dpmsolver++", {"nfe": 15}, 15),
@@ -164,3 +165,47 @@ def test_load_run_names_the_missing_file(tmp_path):
     (tmp_path / "run.json").write_text("{not json")
     with pytest.raises(LcscError, match="not valid JSON"):
         load_run(tmp_path)
+
+
+def openai_multistep(conv, net, noise, count, steps, ts):
+    """OpenAI's `karras_sample(..., sampler="multistep")` written out from its loop (stochastic_iterative_sampler):
+    evaluations at ts[:-1] only, the denoised estimate clamped at every step, re-noised to √(σ²−σ_min²)."""
+    s = conv.sigmas
+    hi, lo = s.sigma_max ** (1 / s.rho), s.sigma_min ** (1 / s.rho)
+    level = lambda i: min(max((hi + i / (steps - 1) * (lo - hi)) ** s.rho, s.sigma_min), s.sigma_max)  # noqa: E731
+    x = noise.normal(0, 0, count) * s.sigma_max
+    for k in range(len(ts) - 1):
+        x0 = conv.denoise(net, x, level(ts[k])).clamp(-1, 1)
+        x = x0 + noise.normal(k + 1, 0, count) * math.sqrt(level(ts[k + 1]) ** 2 - s.sigma_min**2)
+    return x.clamp(-1, 1)
+
+
+@pytest.mark.parametrize("steps,ts", [(40, [0, 22, 39]), (18, [0, 10, 17]), (18, [0, 5, 10, 17])])
+def test_multistep_matches_openai_sampler_step_for_step(tmp_path, steps, ts):
+    run = make_run(tmp_path, "cm")
+    net = random_net(run)
+    counter = CallCounter(net)
+    sampler = build_sampler(run, "multistep", steps=steps, ts=ts)
+    ours = sampler.sample(net, FixedNoise(2, run.image_shape), 0, 6)
+    assert counter.calls == len(ts) - 1 == sampler.nfe  # no evaluation at σ_min, where f(x, σ_min) = x
+    reference = openai_multistep(run.convention, net, FixedNoise(2, run.image_shape), 6, steps, ts)
+    assert torch.allclose(ours, reference, atol=1e-6, rtol=0)
+
+
+def test_sigmas_are_given_directly_and_checked(tmp_path):
+    run = make_run(tmp_path, "cm")
+    net = random_net(run)
+    by_grid = build_sampler(run, "multistep", steps=40, ts=[0, 22, 39])
+    direct = build_sampler(run, "multistep", sigmas=list(by_grid.sigmas))
+    noise = FixedNoise(0, run.image_shape)
+    assert direct.nfe == 2 and torch.equal(direct.sample(net, noise, 0, 3), by_grid.sample(net, noise, 0, 3))
+    assert build_sampler(run, "multistep", sigmas=[80, 0.821]).nfe == 2
+    for bad, match in (([0.821, 80], "decreasing"), ([100, 1], "sigma_max"), ([80, 0.0001], "sigma_min")):
+        with pytest.raises(LcscError, match=match):
+            build_sampler(run, "multistep", sigmas=bad)
+    with pytest.raises(LcscError, match="drop --ts"):
+        build_sampler(run, "multistep", sigmas=[80, 1], ts=[0, 10])
+    with pytest.raises(LcscError, match="multistep sampler only"):
+        build_sampler(run, "onestep", sigmas=[80])
+    with pytest.raises(LcscError, match="--nfe 3 disagrees"):
+        build_sampler(run, "multistep", sigmas=[80, 1], nfe=3)

@@ -16,6 +16,7 @@ from lcsc_ray.errors import LcscError
 from lcsc_ray.models import build_model
 from lcsc_ray.precond import SigmaConfig
 from lcsc_ray.run_folder import load_run
+from lcsc_ray.run_formats import build_network
 from lcsc_ray.training import demo
 from lcsc_ray.training.checkpointing import RESUME_FILE, load_weights
 from lcsc_ray.training.ct import CT_DEFAULTS, ct_loss
@@ -50,11 +51,11 @@ def test_short_ct_run_writes_cadence_and_lowers_loss(tmp_path):
     assert (tmp_path / "samples.png").stat().st_size > 0 and (tmp_path / "done.json").is_file()
     run = load_run(tmp_path)
     assert run.kind == "cm" and run.image_shape == (1, 8, 8)
-    assert stats["parameters"] == sum(p.numel() for p in run.build_network().parameters())
+    assert stats["parameters"] == sum(p.numel() for p in build_network(run).parameters())
 
     torch.manual_seed(0)  # the run's initial weights (same seed as training)
     initial = build_model("unet", TINY).train()
-    trained = run.build_network().train()
+    trained = build_network(run).train()
     load_weights(tmp_path / "checkpoints" / "model_0000120.safetensors", trained)
     # paired comparison (same images and noise); measured 5.65 -> 5.14, the N = 11 loss has a noise floor
     assert fixed_ct_loss(run, trained) < 0.95 * fixed_ct_loss(run, initial)

@@ -19,6 +19,7 @@ from lcsc_ray.noise import FixedNoise
 from lcsc_ray.reference_stats import ensure_reference_stats, load_reference_stats
 from lcsc_ray.sampling import build_sampler, generate_batches
 from lcsc_ray.run_folder import load_run
+from lcsc_ray.run_formats import build_network
 from lcsc_ray.scoring import ScoringSpec
 from lcsc_ray.search.job import run_job
 from lcsc_ray.search.trial import PENALTY_SCORE, LcscTrial
@@ -85,7 +86,7 @@ def test_search_runs_the_budget_tells_baselines_and_exports_a_loadable_winner(lo
             assert np.allclose(tensor.double().numpy(), reference[key].numpy(), rtol=1e-5, atol=1e-6), key
     # Its held-out score, recomputed from the exported file alone (a fresh network, no stack, no Ray).
     run = load_run(tiny_cm_run)
-    net = run.build_network()
+    net = build_network(run)
     net.load_state_dict(load_file(exported["checkpoint"]))
     extractor = build_extractor("digits")
     evaluator = Evaluator(extractor, load_reference_stats(ensure_reference_stats("digits", "digits"),
@@ -158,6 +159,6 @@ def test_batched_trials_tell_every_candidate_with_its_own_score(local_ray, explo
     rows = table.baselines()
     assert rows["explosive"].metrics["failed"] is True and rows["explosive"].score == PENALTY_SCORE
     assert rows["newest"].score < PENALTY_SCORE and rows["newest"].metrics["num_samples"] == 200
-    with pytest.raises(LcscError, match="--candidates-per-trial 4, not 2"):
+    with pytest.raises(LcscError, match="--candidates-per-trial 4, not --candidates-per-trial 2"):
         run_search(trainable, space, optimizer="CMA", num_trials=14, seed=0, storage=tmp_path, name="batched",
                    resume=True, progress=False, candidates_per_trial=2)

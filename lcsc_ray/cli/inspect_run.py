@@ -18,9 +18,9 @@ from lcsc_ray.checkpoints import format_steps, load_checkpoint
 from lcsc_ray.devices import resolve_device
 from lcsc_ray.errors import run_cli
 from lcsc_ray.images import write_sample_grid
-from lcsc_ray.run_formats import add_run_flags, resolve_from_args
-from lcsc_ray.sampling import build_sampler
-from lcsc_ray.search.flags import int_list
+from lcsc_ray.run_formats import add_run_flags, build_network, resolve_from_args
+from lcsc_ray.sampling import build_sampler, sampler_options
+from lcsc_ray.search.flags import float_list, int_list
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nfe", type=int, help="network evaluations per sample")
     parser.add_argument("--grid-steps", type=int, help="points of the CM multistep Karras grid (default 18)")
     parser.add_argument("--ts", type=int_list, help="CM multistep indices into the --grid-steps Karras grid, e.g. 0,10,17")
+    parser.add_argument("--sigmas", type=float_list, help="CM multistep noise levels given directly, e.g. 80,0.821")
     parser.add_argument("--order", type=int, help="DPM-Solver++ order")
     parser.add_argument("--count", type=int, default=64, help="samples in the grid")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of the grid")
@@ -47,9 +48,8 @@ def main(argv: list[str] | None = None) -> Path:
     run, files = resolved.run, resolved.files
     out = Path(args.out or Path("lcsc_results") / f"inspect-{Path(args.run_dir).resolve().name}").expanduser()
     device = resolve_device(args.device)
-    options = {"nfe": args.nfe, "steps": args.grid_steps, "ts": args.ts, "order": args.order}
-    sampler = build_sampler(run, args.sampler, **{k: v for k, v in options.items() if v is not None})
-    net = run.build_network(args.trust_pickle)
+    sampler = build_sampler(run, args.sampler, **sampler_options(args))
+    net = build_network(run, args.trust_pickle)
     net.load_state_dict(load_checkpoint(files[-1], trust_pickle=args.trust_pickle).state_dict, strict=True)
     net = net.to(device).requires_grad_(False)
     steps = [f.step for f in files]

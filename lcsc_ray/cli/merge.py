@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lcsc_ray.checkpoints import CheckpointFile, discover_checkpoints, select_checkpoints
+from lcsc_ray.checkpoints import CheckpointFile, MissingModule, discover_checkpoints, select_checkpoints
 from lcsc_ray.errors import LcscError
 from lcsc_ray.export import export_merged
 from lcsc_ray.profiles import named_profile, run_ema_warmup
-from lcsc_ray.run_folder import RUN_JSON, read_run_json
+from lcsc_ray.run_folder import RUN_JSON, add_python_path, code_folder, read_run_json
 from lcsc_ray.run_formats import detect_format, own_run_folder, select_trajectory
 from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack
 
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ema_<rate>, an EDM2 EMA width; docs/FORMATS.md)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow unpickling NVlabs network-snapshot "
                         ".pkl files (unpickling runs code stored in them)")
+    parser.add_argument("--code-dir", help="folder of the run's code base (e.g. a clone of NVlabs edm), put on the "
+                        "Python path so the pickled network classes import")
     parser.add_argument("--ckpt-pattern", help=r"regular expression matched against whole file/folder names, with a "
                         r"group for the step, e.g. 'model_(?P<step>\d+)\.pt' (default: last number in the name)")
     parser.add_argument("--ckpt-key", help="key of the state dict inside .pt files holding several entries "
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.code_dir:
+        add_python_path([str(code_folder(args.code_dir))])
     files = select_checkpoints(run_checkpoints(args), window=args.window, interval=args.interval,
                                max_count=args.max_checkpoints)
     steps = [f.step for f in files]
@@ -125,8 +129,12 @@ def main(argv: list[str] | None = None) -> None:
         alpha = read_coefficients(args.coefficients, steps)
     if alpha.shape != (len(steps),):
         raise LcscError(f"--coefficients: {alpha.size} values for {len(steps)} selected checkpoints")
-    stack = CheckpointStack.from_files(files, ckpt_key=args.ckpt_key, device=args.device,
-                                       storage_dtype=STORAGE_DTYPES[args.stack_dtype], trust_pickle=args.trust_pickle)
+    try:
+        stack = CheckpointStack.from_files(files, ckpt_key=args.ckpt_key, device=args.device,
+                                           storage_dtype=STORAGE_DTYPES[args.stack_dtype],
+                                           trust_pickle=args.trust_pickle)
+    except MissingModule as error:
+        raise error.for_code_dir(args.code_dir) from None
     target = export_merged(stack, alpha, args.out, extra={"profile": args.profile} if args.profile else None)
     print(f"wrote {target} (+ {target.name}.json), coefficient sum {alpha.sum():.6g}")
 

@@ -96,10 +96,12 @@ class InceptionExtractor:
     metric_name = "fid"
     dim = POOL3_DIM
 
-    def __init__(self, model: torch.nn.Module, identity: str, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, identity: str, device: torch.device,
+                 warning: str | None = None) -> None:
         self.model = model.to(device)
         self.identity = identity
         self.device = device
+        self.warning = warning  # said once by the driver's preflight, not by every worker that builds one
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -124,8 +126,23 @@ def build(*, device: torch.device, inception_weights: str | None = None) -> Ince
     path = resolve_weights(inception_weights)
     state_dict = load_state_dict(path)
     with open(path, "rb") as handle:
-        identity = f"{WEIGHTS_FILE}:{hashlib.file_digest(handle, 'sha256').hexdigest()}"
-    return InceptionExtractor(build_fid_inception(state_dict, path), identity, device)
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return InceptionExtractor(build_fid_inception(state_dict, path), f"{WEIGHTS_FILE}:{digest}", device,
+                              weights_name_mismatch(path, digest))
+
+
+def weights_name_mismatch(path: Path, sha256: str) -> str | None:
+    """A warning when `path` is named like pytorch-fid's weights (`<name>-<hex>.pth`, the hex being the first
+    digits of the file's sha256, torch hub's convention) but its content hashes otherwise: other weights under
+    the real name (random ones, a bad download) give a distance that is not FID yet is reported as "fid"."""
+    name_hash = path.stem.rsplit("-", 1)[-1].lower() if "-" in path.stem else ""
+    if len(name_hash) < 8 or not all(c in "0123456789abcdef" for c in name_hash):
+        return None  # a name without the hash: nothing to compare (the sha256 is in the scores' identity)
+    if sha256.startswith(name_hash):
+        return None
+    return (f"warning: {path}: its sha256 starts {sha256[:len(name_hash)]}, not {name_hash} as its name says, so "
+            f"these are not pytorch-fid's FID weights and the scores are not comparable FID; replace it with a good "
+            f"copy of {WEIGHTS_FILE}")
 
 
 RANDOM_SEED = 0

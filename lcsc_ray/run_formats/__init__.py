@@ -1,9 +1,10 @@
 """Run formats: the folders other training code bases write, one plug-in module per code base.
 
-Each format answers the same five questions (the `RunFormat` interface): is this folder mine (`matches`),
+Each format answers the same six questions (the `RunFormat` interface): is this folder mine (`matches`),
 which checkpoint trajectories does it hold, by name and step (`trajectories`: e.g. `unet`/`unet_ema`, `raw`/
 `ema_0.9999`, one per EDM2 EMA width), what run.json describes it (`describe`: the guesses, written for the
-user to read and edit), and how to build its network (`build_network`). Loading a checkpoint's state dict
+user to read and edit), how to build its network (`build_network`), and whether a trajectory holds EMA
+weights rather than raw ones (`holds_ema`). Loading a checkpoint's state dict
 goes through lcsc_ray/checkpoints.py (`CheckpointFile.format` says safetensors, torch or pickle) and the
 export through lcsc_ray/export.py, which mirror each format's files.
 
@@ -54,6 +55,10 @@ class RunFormat(Protocol):
     def build_network(self, run: RunInfo, trust_pickle: bool) -> nn.Module:
         """The network whose state dict the checkpoints hold."""
 
+    def holds_ema(self, trajectory: str) -> bool:
+        """True when the trajectory's files are EMA weights rather than raw training weights (profiles such as
+        ema_<β> over them would be an EMA of EMAs, not what their names say)."""
+
 
 def _registry() -> dict[str, RunFormat]:
     from lcsc_ray.run_formats import diffusers_run, nvlabs, openai, ours
@@ -67,6 +72,12 @@ def get_format(name: str) -> RunFormat:
     if name not in formats:
         raise LcscError(f"run.json format {name!r}: use one of {sorted(formats)}")
     return formats[name]
+
+
+def build_network(run: RunInfo, trust_pickle: bool = False) -> nn.Module:
+    """The network whose state_dict the checkpoints hold (CPU, float32, eval mode), built the way the run's
+    format says: our factory registry, a diffusers config, or an unpickled snapshot (with `trust_pickle`)."""
+    return get_format(run.format).build_network(run, trust_pickle).float().eval()
 
 
 def detect_format(folder: Path) -> RunFormat | None:
@@ -85,6 +96,11 @@ class ResolvedRun:
     trajectories: dict[str, list[CheckpointFile]]
     detected: dict | None = None
     from_run_json_flag: bool = False
+
+    @property
+    def holds_ema(self) -> bool:
+        """The selected trajectory's files are EMA weights (the format plug-in's `holds_ema`)."""
+        return get_format(self.run.format).holds_ema(self.trajectory)
 
     @property
     def carried_config(self) -> dict | None:

@@ -94,5 +94,9 @@ class DiffusersFormat:
 
         return OURS.build_network(run, trust_pickle)
 
+    def holds_ema(self, trajectory: str) -> bool:
+        """`unet_ema` (EMAModel.save_pretrained) holds the EMA; `unet` the raw weights."""
+        return "ema" in trajectory
+
 
 DIFFUSERS = DiffusersFormat()

@@ -19,19 +19,19 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from lcsc_ray.checkpoints import CheckpointFile, pickle_refusal, unpickle_snapshot
+from lcsc_ray.checkpoints import CheckpointFile, MissingModule, pickle_refusal, unpickle_snapshot
 from lcsc_ray.errors import LcscError
 from lcsc_ray.paths import cache_dir
 from lcsc_ray.precond import SigmaConfig
 from lcsc_ray.reference_stats import ReferenceStats, save_reference_stats
-from lcsc_ray.run_folder import RunInfo, add_python_path
+from lcsc_ray.run_folder import RunInfo, add_python_path, code_folder
 
 _SNAPSHOT = re.compile(r"network-snapshot-(\d+)(?:-(\d+\.\d+))?\.pkl")
 _DEFAULT = SigmaConfig()
 
 
 def _code_path(code_dir: str | None) -> list[str]:
-    return [str(Path(code_dir).expanduser().resolve())] if code_dir else []
+    return [str(code_folder(code_dir))] if code_dir else []
 
 
 class NVlabsFormat:
@@ -53,7 +53,10 @@ class NVlabsFormat:
         if not hints.trust_pickle:
             raise LcscError(pickle_refusal(folder / "network-snapshot-*.pkl"))
         add_python_path(_code_path(hints.code_dir))
-        net = unpickle_snapshot(newest.path, True)["ema"]
+        try:
+            net = unpickle_snapshot(newest.path, True)["ema"]
+        except MissingModule as error:
+            raise error.for_code_dir(hints.code_dir) from None
         ect = "ECM" in type(net).__name__
         resolution = int(getattr(net, "img_resolution", 0))
         shape = hints.image_shape or (int(getattr(net, "img_channels", 0)), resolution, resolution)
@@ -65,7 +68,7 @@ class NVlabsFormat:
             "run_format": self.name, "convention": "ect" if ect else "edm", "kind": "cm" if ect else "dm",
             "checkpoints": str(folder), "image_shape": list(shape),
             "num_classes": int(getattr(net, "label_dim", 0) or 0),
-            "model": {"snapshot": str(newest.path), "class": f"{type(net).__module__}.{type(net).__qualname__}"},
+            "model": {"snapshot": str(newest.path), "class": network_class_name(net)},
             "precond": {**_DEFAULT.to_dict(), "sigma_min": sigma_min, "sigma_max": sigma_max,
                         "sigma_data": float(getattr(net, "sigma_data", _DEFAULT.sigma_data))},
             "python_path": _code_path(hints.code_dir),
@@ -76,8 +79,21 @@ class NVlabsFormat:
         rewrites its weights in training mode)."""
         return unpickle_snapshot(Path(run.config["model"]["snapshot"]), trust_pickle)["ema"]
 
+    def holds_ema(self, trajectory: str) -> bool:
+        """EDM and ECT snapshots hold only the EMA network; EDM2's hold one power-function EMA per width."""
+        return True
+
 
 NVLABS = NVlabsFormat()
+
+
+def network_class_name(net: nn.Module) -> str:
+    """`module.Class` of the network as its code base names it. NVlabs' persistence wraps each class in a
+    subclass named `persistent_class.<locals>.Decorator`; the class it wraps is the one users know."""
+    cls = type(net)
+    if cls.__qualname__.endswith("<locals>.Decorator"):
+        cls = next((base for base in cls.__mro__[1:] if not base.__qualname__.endswith("<locals>.Decorator")), cls)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def reference_stats_from_pickle(path: Path, trust_pickle: bool) -> Path:

@@ -19,7 +19,7 @@ from torch import nn
 from lcsc_ray.checkpoints import CheckpointFile
 from lcsc_ray.errors import LcscError
 from lcsc_ray.precond import SigmaConfig
-from lcsc_ray.run_folder import RunInfo
+from lcsc_ray.run_folder import RunInfo, code_folder
 
 _RAW = re.compile(r"model(\d+)\.pt")
 _EMA = re.compile(r"ema_([0-9.]+)_(\d+)\.pt")
@@ -60,13 +60,17 @@ class OpenAIFormat:
                         "if the run used others"],
         }
         if hints.code_dir:
-            config["python_path"] = [str(Path(hints.code_dir).expanduser().resolve())]
+            config["python_path"] = [str(code_folder(hints.code_dir))]
         return config
 
     def build_network(self, run: RunInfo, trust_pickle: bool) -> nn.Module:
         from lcsc_ray.run_formats.ours import OURS
 
         return OURS.build_network(run, trust_pickle)
+
+    def holds_ema(self, trajectory: str) -> bool:
+        """`ema_<rate>` files are the EMAs the training loop kept; `raw` (`model<step>.pt`) the raw weights."""
+        return trajectory.startswith("ema_")
 
 
 OPENAI = OpenAIFormat()

@@ -31,5 +31,9 @@ class OursFormat:
         model = run.config["model"]
         return build_model(model["factory"], model.get("kwargs", {}))
 
+    def holds_ema(self, trajectory: str) -> bool:
+        """Our training writes the EMA to `checkpoints_ema/` (the trajectory is the folder's name)."""
+        return trajectory == "checkpoints_ema"
+
 
 OURS = OursFormat()

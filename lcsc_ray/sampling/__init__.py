@@ -8,7 +8,8 @@ users type (`--sampler`); a new sampler is a new builder in its module plus one 
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Protocol, Sequence
+import argparse
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -38,9 +39,10 @@ _COMMAND = {"cm": "tune_cm.py", "dm": "tune_dm.py", "diffusers": "tune_dm.py"}
 
 def build_sampler(
     run: RunInfo, name: str | None = None, *, nfe: int | None = None, steps: int | None = None,
-    ts: Sequence[int] | None = None, order: int | None = None,
+    ts: Sequence[int] | None = None, order: int | None = None, sigmas: Sequence[float] | None = None,
 ) -> Sampler:
-    """The sampler `name` (default: onestep for CM, 3rd-order DPM-Solver++ for DM) for this run's convention."""
+    """The sampler `name` (default: onestep for CM, 3rd-order DPM-Solver++ for DM) for this run's convention;
+    `sigmas` (noise levels given directly) only fits the CM multistep sampler."""
     convention = run.convention
     family = convention.family
     name = name or DEFAULT_SAMPLER[family]
@@ -48,7 +50,18 @@ def build_sampler(
     if name not in builders:
         raise LcscError(f"--sampler {name!r} does not fit this run (convention {convention.name!r}, searched with "
                         f"{_COMMAND[family]}); use one of {sorted(builders)}")
+    if sigmas is not None:
+        if builders[name] is not cm.build_multistep:
+            raise LcscError(f"--sigmas applies to the CM multistep sampler only, not {name!r}; drop it")
+        return cm.build_multistep(convention, nfe, steps, ts, order, sigmas)
     return builders[name](convention, nfe, steps, ts, order)
+
+
+def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampler keyword arguments of `build_sampler` that the command line gave (the flags --nfe,
+    --grid-steps, --ts, --sigmas, --order), without the ones left at None."""
+    flags = {"nfe": args.nfe, "steps": args.grid_steps, "ts": args.ts, "sigmas": args.sigmas, "order": args.order}
+    return {key: value for key, value in flags.items() if value is not None}
 
 
 def generate_batches(sampler: Sampler, net: nn.Module, noise: FixedNoise, num_samples: int, batch_size: int) -> Iterator[torch.Tensor]:
@@ -59,4 +72,4 @@ def generate_batches(sampler: Sampler, net: nn.Module, noise: FixedNoise, num_sa
         yield sampler.sample(net, noise, start, min(batch_size, num_samples - start))
 
 
-__all__ = ["DEFAULT_SAMPLER", "SAMPLERS", "Sampler", "build_sampler", "generate_batches"]
+__all__ = ["DEFAULT_SAMPLER", "SAMPLERS", "Sampler", "build_sampler", "generate_batches", "sampler_options"]

@@ -19,7 +19,7 @@ import numpy as np
 import ray
 from ray import tune
 
-from lcsc_ray.baseline_checkpoints import ExtraBaseline, extra_baselines
+from lcsc_ray.baseline_checkpoints import ExtraBaseline, edm2_width_snapshots, extra_baselines
 from lcsc_ray.checkpoints import CheckpointFile, format_steps, select_checkpoints
 from lcsc_ray.cluster import start_ray
 from lcsc_ray.data import dataset_exists
@@ -30,13 +30,15 @@ from lcsc_ray.images import write_sample_grid
 from lcsc_ray.profiles import baseline_profiles, run_ema_warmup
 from lcsc_ray.stack import CheckpointStack
 from lcsc_ray.reference_stats import ensure_reference_stats
-from lcsc_ray.preflight import preflight
+from lcsc_ray.preflight import DETECTION_FLAGS, check_detection_flags, check_trial_budget, preflight
 from lcsc_ray.run_folder import RUN_JSON, RunInfo
 from lcsc_ray.run_formats import ResolvedRun, resolve_from_args
 from lcsc_ray.run_formats.nvlabs import reference_stats_from_pickle
+from lcsc_ray.sampling import sampler_options
 from lcsc_ray.atomic import atomic_write_json
 from lcsc_ray.scoring import ScoringSpec, cached_scorer, load_stack, spec_run
 from lcsc_ray.search.flags import HELDOUT_SEED_OFFSET, parse_args
+from lcsc_ray.search.identity import SearchInputs, check_identity, identity_record
 from lcsc_ray.search.ray_compat import in_ray_job
 from lcsc_ray.search.monitor import PROGRESS_PLOT, PROGRESS_PLOT_EVERY_S
 from lcsc_ray.search.objective import SearchObjective
@@ -82,6 +84,11 @@ def exclude_steps(files: list[CheckpointFile], steps: list[int]) -> list[Checkpo
         raise LcscError(f"--exclude-steps {unknown[0]}: no selected checkpoint at that step (selected: "
                         f"{min(selected)}..{max(selected)}, {len(selected)} checkpoints)")
     return [f for f in files if f.step not in set(steps)]
+
+
+def detection_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The values of the flags that describe a detected run (`DETECTION_FLAGS`), by flag."""
+    return {flag: getattr(args, flag.removeprefix("--").replace("-", "_")) for flag in DETECTION_FLAGS}
 
 
 def reference_stats_path(args: argparse.Namespace, run: RunInfo) -> Path:
@@ -150,6 +157,8 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
 
     resolved = resolve_run_dir(args, kind)
     run = resolved.run
+    check_detection_flags(detection_flags(args), None if resolved.detected is not None else
+                          args.run_json if resolved.from_run_json_flag else str(run.run_dir / RUN_JSON))
     files = select_checkpoints(resolved.files, window=args.window, interval=args.interval or 1,
                                max_count=args.max_checkpoints)
     files = exclude_steps(files, args.exclude_steps)
@@ -157,25 +166,33 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
     print(f"checkpoints: {len(files)} from {run.checkpoint_dir} ({resolved.trajectory}), steps "
           f"{format_steps(steps)}; format {run.format}, convention {run.convention.name}")
 
+    baselines = profile_baselines(args, resolved, steps)
+    if not args.resume:  # a resumed search keeps the budget it started with
+        check_trial_budget(args.num_trials, list(baselines))
     ref_stats = reference_stats_path(args, run)
     space = build_space(args.space, len(files), bound=args.bound, sigma=args.sigma)
-    baselines = baseline_profiles(steps, args.ema, args.phema or (), run_ema_warmup(run.config))
 
-    sampler_flags = {"nfe": args.nfe, "steps": args.grid_steps, "ts": args.ts, "order": args.order}
-    sampler_options = {k: v for k, v in sampler_flags.items() if v is not None}
     spec = ScoringSpec(
         run_dir=str(run.run_dir), files=tuple(files), reference_stats=str(ref_stats), extractor=args.extractor,
         ckpt_key=args.ckpt_key, strip_key_prefix=args.strip_key_prefix, stack_dtype=args.stack_dtype,
-        sampler=args.sampler, sampler_options=sampler_options, inception_weights=args.inception_weights,
+        sampler=args.sampler, sampler_options=sampler_options(args), inception_weights=args.inception_weights,
         batch_size=args.batch_size, device=args.device, threads=max(1, int(args.cpus_per_trial)),
         run_config=resolved.carried_config, trust_pickle=args.trust_pickle,
     )
 
     storage = Path(args.storage).expanduser().resolve()
     name = experiment_name(args, kind, storage)
-    check_experiment(storage, name, resume=args.resume)  # before Ray starts: fail fast, never overwrite
+    manifest = check_experiment(storage, name, resume=args.resume)  # before Ray starts: fail fast, never overwrite
+    rounds = LcscTrial.round_schedule(args.rounds, args.fid_samples, args.scheduler)
+    identity = identity_record(SearchInputs(
+        args=args, run_dir=run.run_dir, files=files, trajectory=resolved.trajectory, run_config=run.config,
+        reference_stats=ref_stats, space=space, rounds=rounds, objective=objective))
+    if manifest is not None:
+        check_identity(name, manifest, identity)  # before Ray starts: a resume never mixes other settings' scores
     preview = storage / f"{name}.preview.png" if args.dry_run else None
-    print(preflight(spec, run, preview=preview).summary())  # every input checked before an experiment folder exists
+    report = preflight(spec, run, preview=preview, sample_counts={"--fid-samples": args.fid_samples,
+                                                                   "--final-samples": args.final_samples})
+    print("\n".join([*report.warnings, report.summary()]))  # every input checked before an experiment folder exists
     save_run_json(resolved, storage, name)
     if args.dry_run:
         print(f"dry run: stopped before Ray; samples of the newest checkpoint: {preview}")
@@ -189,7 +206,6 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
         print(f"Ray dashboard: {url}")
     payload = ray.put(load_stack(spec).to_payload()) if args.stack_via_object_store else None
 
-    rounds = LcscTrial.round_schedule(args.rounds, args.fid_samples, args.scheduler)
     trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, objective=objective,
                                      num_samples=args.fid_samples, stack_payload=payload, rounds=rounds)
     batches = (f" candidates in Ray Tune trials of {args.candidates_per_trial}" if args.candidates_per_trial > 1
@@ -207,7 +223,7 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
         max_concurrent=args.max_concurrent, resources=_resources(args), max_failures=args.max_failures,
         progress=not args.quiet, penalty=PENALTY_SCORE, resume_hint=resume_command(argv, kind, name, storage),
         scheduler=args.scheduler, rounds=rounds, reduction_factor=args.reduction_factor, objective=objective,
-        candidates_per_trial=args.candidates_per_trial,
+        candidates_per_trial=args.candidates_per_trial, identity=identity,
     )
     search_seconds = time.perf_counter() - started
     return finish(args, table, space, baselines, steps, spec, payload, plan, output, search_seconds)
@@ -225,7 +241,7 @@ def finish(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace
     searched_baselines = {name: row.score for name, row in table.baselines().items()}
     candidates = [ScoredCandidate(name, "baseline", searched_baselines.get(name), alpha=alpha)
                   for name, alpha in baselines.items()]
-    candidates += score_extra_baselines(extra_baselines(run, spec.files), spec, payload, args)
+    candidates += score_extra_baselines(extra_baselines(run, spec.files, args.phema or ()), spec, payload, args)
     candidates.append(fit_control(candidates, spec, payload, args))
     candidates += [ScoredCandidate(f"search rank {i + 1} (trial {row.index})", "lcsc", row.score, alpha=row.alpha,
                                    trial=row.index) for i, row in enumerate(pick_finalists(table, args.top_k))]
@@ -271,6 +287,19 @@ def eval_plan(args: argparse.Namespace, run: RunInfo) -> EvalPlan:
                        for name in (args.eval_extractors if data is not None else ()))
     return EvalPlan(extractors=extractors, real_data=data, pr_samples=args.pr_samples,
                     inception_weights=args.inception_weights)
+
+
+def profile_baselines(args: argparse.Namespace, resolved: ResolvedRun, steps: list[int]) -> dict[str, np.ndarray]:
+    """The coefficient baselines (and warm starts): newest, uniform, and the ema_*/phema_* profiles, which
+    assume raw training weights, so they are left out for a trajectory of EMA weights (an EMA of EMAs is not
+    what their names say). EDM2's post-hoc EMA is then reconstructed its own way (baseline_checkpoints.py)."""
+    if not resolved.holds_ema:
+        return baseline_profiles(steps, args.ema, args.phema or (), run_ema_warmup(resolved.run.config))
+    print(f"note: the {resolved.trajectory} checkpoints are EMA weights, so the ema_*/phema_* profiles over them "
+          "(which assume raw weights) are not baselines; the run's other saved trajectories are"
+          + (", and EDM2's post-hoc EMA is reconstructed from its snapshots" if edm2_width_snapshots(resolved.run)
+             else ""))
+    return baseline_profiles(steps, (), ())
 
 
 def score_extra_baselines(extra: list[ExtraBaseline], spec: ScoringSpec, payload: Any,

@@ -26,7 +26,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from ray import tune
@@ -37,9 +37,10 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from lcsc_ray.atomic import atomic_write_json
 from lcsc_ray.errors import LcscError, SearchInterrupted
 from lcsc_ray.search.candidates import INDEX_KEY, candidate_configs, decode_candidate
+from lcsc_ray.search.identity import check_identity, search_settings
 from lcsc_ray.search.monitor import SearchMonitor
 from lcsc_ray.search.objective import SearchObjective
-from lcsc_ray.search.optimizers import build_optimizer, resolve_optimizer_name
+from lcsc_ray.search.optimizers import build_optimizer
 from lcsc_ray.search.ray_compat import (allow_pending_trials, allow_results_without_metric, check_ray_version,
                                         interrupt_tune_run, json_trial_logs_only, run_config_of)
 from lcsc_ray.search.searcher import LcscNevergradSearch, load_searcher
@@ -116,16 +117,6 @@ def _check_resumable(exp_dir: Path) -> dict[str, Any]:
         raise LcscError(f"{exp_dir / MANIFEST} is missing or corrupt; {remedy}") from None
 
 
-def check_same_settings(name: str, manifest: dict[str, Any], settings: dict[str, tuple[str, Any, Any]]) -> None:
-    """Refuse to resume with other search-shaping settings than the experiment recorded: the optimizer would be
-    told scores it cannot compare with the ones it has. `settings` maps a flag to (manifest key, value recorded
-    by experiments that predate the key, value now); all differences are named in one line."""
-    differing = [f"{flag} {manifest.get(key, default)}, not {now}" for flag, (key, default, now) in settings.items()
-                 if manifest.get(key, default) != now]
-    if differing:
-        raise LcscError(f"experiment {name} ran with {'; '.join(differing)}: resume with the same flags")
-
-
 def check_experiment(storage: str | os.PathLike, name: str, *, resume: bool) -> dict[str, Any] | None:
     """Check `--name` in `--storage` before anything expensive starts: a new search must not overwrite an
     existing experiment, a resumed one must be restorable. Returns the manifest of the experiment to resume,
@@ -163,6 +154,7 @@ def run_search(
     reduction_factor: float = 3.0,
     objective: SearchObjective = SearchObjective(),
     candidates_per_trial: int = 1,
+    identity: Mapping[str, Any] | None = None,
 ) -> ResultTable:
     """Run (or resume) the search to its budget and return its completed trials (module docstring for the
     other endings; `resume_hint` is the command printed for them, by default the flags that name the run).
@@ -177,7 +169,10 @@ def run_search(
     `objective` is what the trainable tells besides the distance (noise per generation, coefficient penalty);
     it is recorded so that a resume with other values is refused. `candidates_per_trial` > 1 has each Tune
     trial evaluate that many candidates asked together (full fidelity only): `num_trials` still counts
-    candidates, and every candidate is a row of the table and a tell of the optimizer.
+    candidates, and every candidate is a row of the table and a tell of the optimizer. `identity` is the job's
+    `identity_record` (the run, scoring and search flags), recorded in the manifest with the settings known
+    here; a resume is refused when either differs from what the experiment recorded (the job checks the
+    same before Ray starts).
     """
     exp_dir = _experiment_dir(storage, name)
     trial_scheduler = build_scheduler(scheduler, rounds, reduction_factor)
@@ -188,16 +183,11 @@ def run_search(
     allow_pending_trials(max_concurrent)
     resume_hint = resume_hint or f"--resume --name {name} --storage {exp_dir.parent}"
     wrapped = _actor_named(tune.with_resources(trainable, resources) if resources else trainable)
+    settings = {**(identity or {}), **search_settings(
+        space, optimizer=optimizer, seed=seed, scheduler=scheduler, rounds=rounds, objective=objective,
+        candidates_per_trial=candidates_per_trial)}
     if manifest is not None:
-        check_same_settings(name, manifest, {
-            "--space": ("space", None, space.name),
-            "checkpoints": ("num_checkpoints", None, space.num_checkpoints),
-            "--scheduler": ("scheduler", "fifo", scheduler),
-            "--rounds/--fid-samples": ("rounds", list(rounds), list(rounds)),
-            "--fresh-noise-every": ("fresh_noise_every", 0, objective.fresh_noise_every),
-            "--coef-penalty": ("coef_penalty", 0, objective.coef_penalty),
-            "--candidates-per-trial": ("candidates_per_trial", 1, candidates_per_trial),
-        })
+        check_identity(name, manifest, settings)
         if manifest["num_trials"] != num_trials:
             print(f"note: resuming {name} to its original budget of {manifest['num_trials']} trials")
         budget = tune_trials(manifest["num_trials"], candidates_per_trial)
@@ -222,12 +212,7 @@ def run_search(
             budget=num_trials,
         )
         atomic_write_json(exp_dir / MANIFEST, {
-            "space": space.name, "num_checkpoints": space.num_checkpoints, "bound": space.bound,
-            "sigma": space.sigma, "optimizer": resolve_optimizer_name(optimizer), "seed": seed,
-            "num_trials": num_trials, "metric": metric, "warm_start": [label for label, _ in warm],
-            "scheduler": scheduler, "rounds": list(rounds),
-            "fresh_noise_every": objective.fresh_noise_every, "coef_penalty": objective.coef_penalty,
-            "candidates_per_trial": candidates_per_trial,
+            **settings, "num_trials": num_trials, "metric": metric, "warm_start": [label for label, _ in warm],
         })
         tuner = tune.Tuner(
             wrapped,

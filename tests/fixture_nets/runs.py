@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fixture_nets.edm_like import TinyECMPrecond, TinyEDMPrecond
+from fixture_nets.edm_like import FragileLoss, TinyECMPrecond, TinyEDMPrecond
 from fixture_nets.openai_like import create_model
 
 STEPS = (100, 200, 300)
@@ -49,15 +49,16 @@ def openai_run(root: Path, num_classes: int = 10) -> Path:
     return root
 
 
-def _snapshot(path: Path, net: torch.nn.Module) -> None:
+def _snapshot(path: Path, net: torch.nn.Module, loss_fn: object = None) -> None:
     with open(path, "wb") as handle:
-        pickle.dump(dict(ema=net.eval().requires_grad_(False), loss_fn=None, augment_pipe=None,
+        pickle.dump(dict(ema=net.eval().requires_grad_(False), loss_fn=loss_fn, augment_pipe=None,
                          dataset_kwargs={"resolution": 8}), handle)
 
 
 def nvlabs_run(root: Path, kind: str, label_dim: int = 0) -> Path:
     """`network-snapshot-*.pkl` dicts whose `ema` is the whole module: EDM (kimg:06d), ECT (tick:06d, plus
-    the moving `-latest` copy) or EDM2 (kimg:07d-std:.3f, float16, two EMA widths)."""
+    the moving `-latest` copy, and a loss object like ECT's) or EDM2 (kimg:07d-std:.3f, float16, two EMA
+    widths). Every network holds a constant float buffer (`resample_filter`)."""
     root.mkdir(parents=True, exist_ok=True)
     for step in STEPS:
         if kind == "edm2":
@@ -66,7 +67,8 @@ def nvlabs_run(root: Path, kind: str, label_dim: int = 0) -> Path:
                 _snapshot(root / f"network-snapshot-{step:07d}-{std:.3f}.pkl", net)
         else:
             cls = TinyECMPrecond if kind == "ect" else TinyEDMPrecond
-            _snapshot(root / f"network-snapshot-{step:06d}.pkl", _seeded(lambda: cls(label_dim=label_dim), step))
+            _snapshot(root / f"network-snapshot-{step:06d}.pkl", _seeded(lambda: cls(label_dim=label_dim), step),
+                      FragileLoss() if kind == "ect" else None)  # ECT's loss does not survive a second pickling
     if kind == "ect":
         _snapshot(root / "network-snapshot-latest.pkl", _seeded(lambda: TinyECMPrecond(label_dim=label_dim), 9))
     return root
