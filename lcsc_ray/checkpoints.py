@@ -358,10 +358,19 @@ def load_checkpoint(file: CheckpointFile, ckpt_key: str | None = None,
         loaded = LoadedCheckpoint({name[len(strip_prefix):]: tensor for name, tensor in loaded.state_dict.items()},
                                   loaded.key_path, loaded.metadata)
     for name, tensor in loaded.state_dict.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise LcscError(f"{file.path}: tensor {name!r} holds NaN or Inf (the run diverged at step {file.step}); "
                             f"{exclude_hint(file)}, or fix the run")
     return loaded
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or ±Inf: the minimum and maximum are finite exactly then (both propagate a
+    NaN). One fused min/max pass, several times faster than an elementwise isfinite and its boolean tensor."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def load_state_dict(file: CheckpointFile, ckpt_key: str | None = None,

@@ -30,6 +30,7 @@ from lcsc_ray.run_folder import RunInfo, add_python_path, load_run, run_from_con
 from lcsc_ray.run_formats import build_network
 from lcsc_ray.sampling import Sampler, build_sampler, generate_batches
 from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack
+from lcsc_ray.stack_file import open_stack_file
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,15 @@ class ScoringSpec:
     threads: int | None = None
     run_config: dict | None = None  # a detected or --run-json run.json; None: run_dir/run.json
     trust_pickle: bool = False  # the user's --trust-pickle: pickled network snapshots may be unpickled
+    stack_file: str | None = None  # a stack file folder (lcsc_ray/stack_file.py) to map instead of the files
 
 
 def load_stack(spec: ScoringSpec, device: str | torch.device = "cpu") -> CheckpointStack:
     """The checkpoint stack `spec` describes (its files, key and `stack_dtype`) on `device`: the one way to
-    build it, so the copy a driver puts in the object store holds the same dtype a worker would load."""
+    build it, so the copy a driver puts in the object store holds the same dtype a worker would load. With a
+    stack file, the file is mapped instead (one copy per node, in the page cache)."""
+    if spec.stack_file is not None:
+        return open_stack_file(spec.stack_file, device)
     add_python_path((spec.run_config or {}).get("python_path", []))  # pickled snapshots import the user's classes
     return CheckpointStack.from_files(list(spec.files), ckpt_key=spec.ckpt_key, strip_prefix=spec.strip_key_prefix,
                                       device=device, storage_dtype=STORAGE_DTYPES[spec.stack_dtype],

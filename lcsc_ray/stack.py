@@ -14,6 +14,9 @@ checkpoint (kept in float32 as `base`), so the rounding error scales with |δᵢ
 Memory plan: the bytes are known from the newest checkpoint before the others are read.
 A stack that fits the device stays resident; on CUDA one that does not is kept in pinned host memory and
 merged in column chunks copied to the device; otherwise `LcscError` names the size and the options.
+A stack built into a file (`file=`, lcsc_ray/stack_file.py) is memory-mapped instead: its rows live in the
+page cache, shared by every process on the node that maps the file, and a stack larger than host memory
+still merges, at the speed the disk can feed the pages.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lcsc_ray.checkpoints import CheckpointFile, LoadedCheckpoint, layout_difference, load_checkpoint
+from lcsc_ray.checkpoints import CheckpointFile, LoadedCheckpoint, all_finite, layout_difference, load_checkpoint
 from lcsc_ray.devices import resolve_device
 from lcsc_ray.errors import LcscError
 
@@ -169,11 +172,13 @@ class CheckpointStack:
                    strip_prefix: str | None = None, device: str | torch.device = "cpu",
                    storage_dtype: torch.dtype = torch.float32,
                    max_bytes: int | None = None, stream: bool | None = None,
-                   trust_pickle: bool = False) -> "CheckpointStack":
+                   trust_pickle: bool = False, file: Path | None = None) -> "CheckpointStack":
         """Load, validate and stack `files` (any order; sorted by step here).
 
         The newest checkpoint fixes names, shapes and the byte count; the memory plan runs before the
-        other K−1 files are read, and the peak is the stack plus one checkpoint.
+        other K−1 files are read, and the peak is the stack plus one checkpoint. With `file`, the rows are
+        written into that new file, memory-mapped (no memory plan: the page cache holds what fits), and the
+        stack merges on the CPU from the mapping.
         """
         files = sorted(files, key=lambda f: f.step)
         if not files:
@@ -190,12 +195,17 @@ class CheckpointStack:
         delta = storage_dtype != torch.float32
         itemsize = torch.empty((), dtype=storage_dtype).element_size()
         nbytes = len(files) * num_params * itemsize + (num_params * 4 if delta else 0)
-        streamed = plan_memory(nbytes, target, max_bytes=max_bytes, stream=stream,
-                               what=f"the stack of {len(files)} checkpoints x {num_params:,} parameters "
-                                    f"({storage_dtype})")
-        pin = streamed and target.type == "cuda"
-        home = torch.device("cpu") if streamed else target
-        data = torch.empty(len(files), num_params, dtype=storage_dtype, device=home, pin_memory=pin)
+        if file is not None:
+            if target.type != "cpu":
+                raise LcscError(f"a stack file is built on the CPU, not {target}; map it on the device afterwards")
+            streamed, data = False, create_mapped_rows(file, (len(files), num_params), storage_dtype)
+        else:
+            streamed = plan_memory(nbytes, target, max_bytes=max_bytes, stream=stream,
+                                   what=f"the stack of {len(files)} checkpoints x {num_params:,} parameters "
+                                        f"({storage_dtype})")
+            pin = streamed and target.type == "cuda"
+            home = torch.device("cpu") if streamed else target
+            data = torch.empty(len(files), num_params, dtype=storage_dtype, device=home, pin_memory=pin)
         base = _flatten(newest.state_dict, entries, target) if delta else None
         constant = {e.name for e in entries} if len(files) > 1 else set()
         for row, file in enumerate(files):
@@ -210,7 +220,7 @@ class CheckpointStack:
             if delta:
                 flat.sub_(base)
             data[row].copy_(flat)
-            if delta and not bool(torch.isfinite(data[row]).all()):
+            if delta and not all_finite(data[row]):
                 raise LcscError(f"{file.path}: its difference from {newest_file.path.name} overflows "
                                 f"{storage_dtype}; use --stack-dtype bfloat16 or float32")
         if len(constant) == len(entries):
@@ -258,10 +268,16 @@ class CheckpointStack:
         if storage_dtype == torch.bfloat16:
             data = data.view(torch.bfloat16)
         nbytes = data.numel() * data.element_size() + (0 if base is None else base.numel() * 4)
+        mapped = isinstance(payload["data"], np.memmap)
         # On the CPU the array is used where it already lies (no new memory), so only a device copy is planned.
-        streamed = bool(stream) if target.type == "cpu" else plan_memory(nbytes, target, max_bytes=max_bytes,
-                                                                          stream=stream)
-        if streamed and target.type == "cuda":
+        if target.type == "cpu":
+            streamed = bool(stream)
+        elif mapped and stream is None:  # a mapped stack streams from the page cache when the device cannot hold it
+            free, _ = torch.cuda.mem_get_info(target)
+            streamed = nbytes > (max_bytes if max_bytes is not None else int(free * _DEVICE_HEADROOM))
+        else:
+            streamed = plan_memory(nbytes, target, max_bytes=max_bytes, stream=stream)
+        if streamed and target.type == "cuda" and not mapped:
             data = data.pin_memory()
         elif not streamed:
             data = data.to(target)
@@ -388,6 +404,18 @@ def _layout(newest: LoadedCheckpoint) -> tuple[list[TensorEntry], dict[str, torc
         else:
             fixed[name] = tensor.clone()
     return entries, fixed, list(newest.state_dict)
+
+
+def numpy_storage_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype that holds a stack's rows: bfloat16, which numpy lacks, as its int16 bit pattern."""
+    return np.dtype(np.int16) if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
+
+
+def create_mapped_rows(path: Path, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A new file `path` of [K, P] rows in `dtype`, as a memory-mapped tensor: the rows written into it go to
+    the page cache and the file, never to the process's own memory."""
+    tensor = torch.from_numpy(np.memmap(path, dtype=numpy_storage_dtype(dtype), mode="w+", shape=shape))
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
 
 
 def _drop_columns(data: torch.Tensor, base: torch.Tensor | None, entries: list[TensorEntry],

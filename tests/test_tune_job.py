@@ -101,8 +101,10 @@ def test_search_runs_the_budget_tells_baselines_and_exports_a_loadable_winner(lo
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_another_optimizer_name_runs(local_ray, tiny_cm_run, tmp_path):
-    results = _job(tiny_cm_run, tmp_path, "cm-de", "--optimizer", "TwoPointsDE", "--space", "grouped:4")
+def test_another_optimizer_name_runs_with_the_stack_in_a_mapped_file(local_ray, tiny_cm_run, tmp_path):
+    results = _job(tiny_cm_run, tmp_path, "cm-de", "--optimizer", "TwoPointsDE", "--space", "grouped:4",
+                   "--stack-file")
+    assert (tmp_path / "cm-de.stack" / "data.bin").stat().st_size > 0  # every trial mapped this one file
     assert results["search"]["trials_completed"] == 14
     assert results["search"]["optimizer"] == "TwoPointsDE"
     assert len(results["winner"]["alpha"]) == 12

@@ -77,8 +77,13 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    "DDP runs)")
     g.add_argument("--stack-dtype", choices=sorted(STORAGE_DTYPES), default="float32",
                    help="storage dtype of the stack (16-bit ones store differences from the newest checkpoint)")
-    g.add_argument("--stack-via-object-store", action="store_true",
-                   help="load the stack once in the driver and ship it to workers through Ray's object store")
+    shared = g.add_mutually_exclusive_group()
+    shared.add_argument("--stack-via-object-store", action="store_true",
+                        help="load the stack once in the driver and ship it to workers through Ray's object store")
+    shared.add_argument("--stack-file", action="store_true",
+                   help="write the stack once as a memory-mapped file next to the experiment (<storage>/<name>.stack/) "
+                        "that every trial on a node maps read-only: one copy per node in the page cache, and stacks "
+                        "larger than memory merge at disk speed (docs/SCALING.md)")
     g = parser.add_argument_group("how to score")
     g.add_argument("--extractor", default="inception", help="feature extractor: 'inception' (FID) or 'digits' (fd_digits)")
     g.add_argument("--inception-weights", help="path of pt_inception-2015-12-05-6726825d.pth for FID; default: "
