@@ -9,9 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from lcsc_ray import stopping
+
+STAGING = ".lcsc-partial"  # `staging_folder`'s name
 
 
 @contextlib.contextmanager
@@ -34,6 +39,31 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def staging_folder(target: str | os.PathLike) -> Path:
+    """An empty hidden folder inside `target` for files that must appear in `target` together (`commit_staged`);
+    what a stopped or killed run left in it is removed."""
+    staging = Path(target) / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def commit_staged(staging: Path, *, last: str) -> None:
+    """Move every entry of `staging` into its parent folder, `last` last (the file whose presence says the
+    rest is there), replacing what is in the way, then remove `staging`. A stop signal waits for the end of
+    the moves (lcsc_ray/stopping.py), so the files appear together or, stopped before, not at all."""
+    target = staging.parent
+    with stopping.deferred():
+        for entry in sorted(staging.iterdir(), key=lambda entry: entry.name == last):
+            destination = target / entry.name
+            if destination.is_dir() and not destination.is_symlink():
+                shutil.rmtree(destination)
+            elif entry.is_dir() and destination.exists():
+                destination.unlink()
+            os.replace(entry, destination)
+        staging.rmdir()
 
 
 def _umask() -> int:

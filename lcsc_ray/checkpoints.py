@@ -186,10 +186,20 @@ def select_checkpoints(files: Sequence[CheckpointFile], *, window: int | None = 
 # ----------------------------------------------------------------------------------------------------
 
 
+EXCLUDE_HINT = re.compile(r"leave step (\d+) out with --exclude-steps \1\b")
+
+
 def exclude_hint(file: CheckpointFile) -> str:
     """The remedy for one bad checkpoint that every message names the same way: the flag that drops its step
     (a new selection, so a new search rather than a resumed one)."""
     return f"leave step {file.step} out with --exclude-steps {file.step}"
+
+
+def excluded_step(message: str) -> int | None:
+    """The step an `exclude_hint` in `message` leaves out, or None: a search stopped by that problem needs a
+    new selection, which a resume cannot make, so the driver prints a new search's command instead."""
+    found = EXCLUDE_HINT.search(message)
+    return int(found.group(1)) if found else None
 
 
 def _is_state_dict(obj: object) -> bool:

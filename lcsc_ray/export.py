@@ -8,12 +8,16 @@ folder holding the same weights file name, plus the input folder's `config.json`
 EDM2, ECT) gives the newest snapshot's dict with its `ema` network holding the merged weights in the
 network's own dtypes (float16 for EDM2), so the code base's generate/metric scripts take it; entries of that
 dict that do not survive a pickle round trip (ECT's loss object) are left out and named in the sidecar.
-Floating tensors identical in every checkpoint are the newest's, bit for bit (lcsc_ray/stack.py). The file
-and its JSON sidecar `<file>.json` (coefficients, steps, source files, metrics) are written atomically.
+Floating tensors identical in every checkpoint are the newest's, bit for bit (lcsc_ray/stack.py). Each merged
+tensor is written in the dtype most of the merged checkpoints hold it in, float32 where no dtype has a
+majority (the stack records them), so one float16 checkpoint among float32 ones does not round the export;
+`export_dtypes` names what was written (pickled snapshots keep their network's own dtypes). The file and
+its JSON sidecar `<file>.json` (coefficients, steps, source files, dtype, metrics) are written atomically.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -67,7 +71,7 @@ def export_merged(stack: CheckpointStack, alpha: np.ndarray | torch.Tensor, out_
         for key in reversed(stack.key_path):
             container = {key: container}
         atomic_write(target, lambda tmp: torch.save(container, tmp))
-    atomic_write_json(target.with_name(target.name + ".json"), {
+    atomic_write_json(sidecar_path(target), {
         "coefficients": coefficients.tolist(),
         "coefficient_sum": float(coefficients.sum()),
         "steps": stack.steps,
@@ -75,12 +79,29 @@ def export_merged(stack: CheckpointStack, alpha: np.ndarray | torch.Tensor, out_
         "format": stack.files[-1].format,
         "ckpt_key": "/".join(stack.key_path) or None,
         "storage_dtype": str(stack.storage_dtype).removeprefix("torch."),
+        "dtype": export_dtypes(state),
         "copied_from_newest": stack.copied_float_tensors,
         "left_out": left_out,
         "metrics": metrics or {},
         "extra": extra or {},
     })
     return target
+
+
+def sidecar_path(target: Path) -> Path:
+    """The JSON sidecar of the export at `target`."""
+    return target.with_name(target.name + ".json")
+
+
+def exported_dtype(target: str | Path) -> str:
+    """The dtype(s) the export at `target` was written in, as its sidecar records them, for the console."""
+    return json.loads(sidecar_path(Path(target)).read_text(encoding="utf-8")).get("dtype", "unknown")
+
+
+def export_dtypes(state: dict[str, torch.Tensor]) -> str:
+    """The floating dtypes of an exported state dict, e.g. "float16" or "float16+float32"."""
+    names = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})
+    return "+".join(names) or "none"
 
 
 def _snapshot_bytes(newest: Path, state: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, str]]:

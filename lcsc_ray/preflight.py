@@ -78,9 +78,9 @@ class PreflightReport:
     warnings: tuple[str, ...] = ()
 
     def summary(self) -> str:
-        return (f"preflight: {self.num_checkpoints} checkpoints read in full (stored checksums, NaN/Inf, "
-                f"shapes against the newest) in {self.checkpoint_seconds:.2f} s, network of {self.num_params:,} parameters loads the "
-                f"newest strictly, samples {list(self.sample_shape)} -> {self.feature_dim} features: ok in "
+        return (f"preflight: {self.num_checkpoints} checkpoints read in full (stored checksums, NaN/Inf, shapes "
+                f"against the newest) in {self.checkpoint_seconds:.2f} s, network of {self.num_params:,} parameters "
+                f"loads the newest strictly, samples {list(self.sample_shape)} -> {self.feature_dim} features: ok in "
                 f"{self.seconds:.2f} s")
 
 

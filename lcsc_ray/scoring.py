@@ -23,6 +23,7 @@ from lcsc_ray.devices import resolve_device
 from lcsc_ray.errors import LcscError
 from lcsc_ray.evaluator import EvalResult, Evaluator, RunningScore
 from lcsc_ray.features import build_extractor
+from lcsc_ray.file_identity import FileStamp, check_unchanged
 from lcsc_ray.images import write_sample_grid
 from lcsc_ray.noise import FixedNoise
 from lcsc_ray.reference_stats import load_reference_stats
@@ -54,6 +55,7 @@ class ScoringSpec:
     run_config: dict | None = None  # a detected or --run-json run.json; None: run_dir/run.json
     trust_pickle: bool = False  # the user's --trust-pickle: pickled network snapshots may be unpickled
     stack_file: str | None = None  # a stack file folder (lcsc_ray/stack_file.py) to map instead of the files
+    file_stamps: tuple[FileStamp, ...] = ()  # the checkpoints as the search started: a changed one is refused
 
 
 def load_stack(spec: ScoringSpec, device: str | torch.device = "cpu") -> CheckpointStack:
@@ -62,6 +64,7 @@ def load_stack(spec: ScoringSpec, device: str | torch.device = "cpu") -> Checkpo
     stack file, the file is mapped instead (one copy per node, in the page cache)."""
     if spec.stack_file is not None:
         return open_stack_file(spec.stack_file, device)
+    check_unchanged(spec.file_stamps)  # never merge a checkpoint replaced or truncated since the search started
     add_python_path((spec.run_config or {}).get("python_path", []))  # pickled snapshots import the user's classes
     return CheckpointStack.from_files(list(spec.files), ckpt_key=spec.ckpt_key, strip_prefix=spec.strip_key_prefix,
                                       device=device, storage_dtype=STORAGE_DTYPES[spec.stack_dtype],

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,7 +45,8 @@ _DEVICE_HEADROOM = 0.8  # share of free device memory the stack may take (the mo
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One merged tensor: its state-dict name, shape, original dtype and slice [offset, offset+numel) of P."""
+    """One merged tensor: its state-dict name, shape, dtype (the one most checkpoints hold it in: what the
+    export writes) and slice [offset, offset+numel) of P."""
 
     name: str
     shape: tuple[int, ...]
@@ -208,6 +210,7 @@ class CheckpointStack:
             data = torch.empty(len(files), num_params, dtype=storage_dtype, device=home, pin_memory=pin)
         base = _flatten(newest.state_dict, entries, target) if delta else None
         constant = {e.name for e in entries} if len(files) > 1 else set()
+        dtypes: dict[str, Counter] = {e.name: Counter() for e in entries}  # per tensor, its dtype in each file
         for row, file in enumerate(files):
             loaded = newest if file is newest_file else load_checkpoint(file, ckpt_key, strip_prefix, trust_pickle)
             difference = layout_difference(newest.state_dict, loaded.state_dict)
@@ -216,6 +219,8 @@ class CheckpointStack:
                                 "must come from one architecture: narrow the selection (--ckpt-pattern, --window)")
             if loaded is not newest:
                 constant = {name for name in constant if torch.equal(loaded.state_dict[name], newest.state_dict[name])}
+            for entry in entries:
+                dtypes[entry.name][loaded.state_dict[entry.name].dtype] += 1
             flat = _flatten(loaded.state_dict, entries, target)
             if delta:
                 flat.sub_(base)
@@ -223,6 +228,7 @@ class CheckpointStack:
             if delta and not all_finite(data[row]):
                 raise LcscError(f"{file.path}: its difference from {newest_file.path.name} overflows "
                                 f"{storage_dtype}; use --stack-dtype bfloat16 or float32")
+        entries = [replace(e, dtype=majority_dtype(dtypes[e.name], len(files))) for e in entries]  # the export's
         if len(constant) == len(entries):
             raise LcscError(f"the {len(files)} selected checkpoints ({files[0].path.name} .. {newest_file.path.name}) "
                             "hold identical weights, so every merge is the same network; select checkpoints of a "
@@ -314,7 +320,8 @@ class CheckpointStack:
                 tensor.copy_(value)
 
     def merged_state_dict(self, alpha: np.ndarray | torch.Tensor | Sequence[float]) -> dict[str, torch.Tensor]:
-        """θ(α) as a fresh CPU state dict in the checkpoints' key order and original dtypes (for export)."""
+        """θ(α) as a fresh CPU state dict in the checkpoints' key order, each tensor in the dtype most checkpoints
+        hold it in (for export)."""
         alpha_sum = self._set_alpha(alpha)
         flat = torch.empty(self.num_params, dtype=torch.float32, device=self.device)
         with torch.no_grad():
@@ -404,6 +411,13 @@ def _layout(newest: LoadedCheckpoint) -> tuple[list[TensorEntry], dict[str, torc
         else:
             fixed[name] = tensor.clone()
     return entries, fixed, list(newest.state_dict)
+
+
+def majority_dtype(counts: Counter, total: int) -> torch.dtype:
+    """The dtype more than half of `total` checkpoints hold a tensor in, else float32: an export in the
+    newest checkpoint's dtype would round every merged weight to float16 when only the newest was float16."""
+    dtype, count = counts.most_common(1)[0]
+    return dtype if 2 * count > total else torch.float32
 
 
 def numpy_storage_dtype(dtype: torch.dtype) -> np.dtype:

@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from pytorch_fid.fid_score import calculate_frechet_distance
 from threadpoolctl import threadpool_limits
@@ -32,6 +33,83 @@ def gaussian_stats(rng: np.random.Generator, n: int, d: int, scale: float, offse
 
 def relative_error(ours: float, theirs: float) -> float:
     return abs(ours - theirs) / abs(theirs)
+
+
+def scipy_reference_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """An independent float64 reference: tr √(Σ₁ Σ₂) as Σ √λ of the non-symmetric Σ₁ Σ₂ (scipy's general `eigvals`,
+    real parts of eigenvalues that are real and non-negative in exact arithmetic)."""
+    eigenvalues = scipy.linalg.eigvals(sigma1 @ sigma2).real
+    diff = mu1 - mu2
+    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def features_like_pool3(rng: np.random.Generator, n: int, d: int, scale: float) -> np.ndarray:
+    """Non-negative correlated features as `benchmarks/fid_bench.py` generates them (rectified mixtures)."""
+    mixing = rng.standard_normal((d, d)) / np.sqrt(d)
+    return np.abs(rng.standard_normal((n, d)) @ mixing * scale + 0.3)
+
+
+@pytest.mark.parametrize("use_torch", [False, True])
+@pytest.mark.parametrize("n", [40, 300])  # n < d: the Gram form; n > d: the full form from the features
+def test_features_match_pytorch_fid_and_scipy(use_torch, n):
+    rng = np.random.default_rng(11)
+    d = 128
+    ref, gen = features_like_pool3(rng, 600, d, 0.3), features_like_pool3(rng, n, d, 0.35)
+    mu_ref, sigma_ref = ref.mean(0), np.cov(ref, rowvar=False)
+    mu_gen, sigma_gen = gen.mean(0), np.cov(gen, rowvar=False)
+    expected = pytorch_fid_distance(mu_gen, sigma_gen, mu_ref, sigma_ref)
+    reference = FrechetReference(mu_ref, sigma_ref, use_torch=use_torch)
+    from_features = reference.distance_from_features(gen)
+    from_statistics = reference.distance(mu_gen, sigma_gen)
+    assert relative_error(from_features, expected) <= 1e-6
+    assert relative_error(from_statistics, expected) <= 1e-6
+    assert relative_error(from_features, scipy_reference_distance(mu_gen, sigma_gen, mu_ref, sigma_ref)) <= 1e-6
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_scipy_reference_both_paths(seed):
+    rng = np.random.default_rng(seed)
+    mu1, sigma1 = gaussian_stats(rng, 300, 80, 1.0, 0.0)
+    mu2, sigma2 = gaussian_stats(rng, 900, 80, 0.7, 0.4)
+    expected = scipy_reference_distance(mu1, sigma1, mu2, sigma2)
+    for use_torch in (False, True):
+        value = FrechetReference(mu2, sigma2, use_torch=use_torch).distance(mu1, sigma1)
+        assert relative_error(value, expected) <= 1e-9
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # pytorch-fid's sqrtm of the singular Σ_gen Σ_ref
+def test_singular_reference_takes_pivoted_cholesky():
+    """A reference with fewer samples than dimensions and a dead feature (a zero row and column of Σ_ref):
+    plain Cholesky fails, pivoted Cholesky gives the same distance as the torch eigh path and pytorch-fid."""
+    rng = np.random.default_rng(6)
+    ref = features_like_pool3(rng, 50, 96, 0.3)
+    ref[:, 5] = 0.0  # a feature that never fires
+    mu_ref, sigma_ref = ref.mean(0), np.cov(ref, rowvar=False)
+    reference = FrechetReference(mu_ref, sigma_ref)
+    assert reference._order is not None  # the pivoted path was taken
+    for gen in (features_like_pool3(rng, 500, 96, 0.35), features_like_pool3(rng, 30, 96, 0.35)):
+        mu_gen, sigma_gen = gen.mean(0), np.cov(gen, rowvar=False)
+        expected = pytorch_fid_distance(mu_gen, sigma_gen, mu_ref, sigma_ref)
+        torch_path = FrechetReference(mu_ref, sigma_ref, use_torch=True).distance(mu_gen, sigma_gen)
+        assert relative_error(reference.distance(mu_gen, sigma_gen), expected) <= 1e-6
+        assert relative_error(reference.distance_from_features(gen), expected) <= 1e-6
+        assert relative_error(reference.distance(mu_gen, sigma_gen), torch_path) <= 1e-9
+
+
+def test_inputs_are_not_modified_and_batches_match_single_distances():
+    rng = np.random.default_rng(8)
+    mu_ref, sigma_ref = gaussian_stats(rng, 400, 48, 1.0, 0.1)
+    reference = FrechetReference(mu_ref, sigma_ref)
+    features = rng.standard_normal((30, 48)) + 0.2
+    stack = np.stack([np.cov(features[i:], rowvar=False) for i in (0, 3)])
+    means = np.stack([features[i:].mean(0) for i in (0, 3)])
+    kept = features.copy(), stack.copy(), sigma_ref.copy()
+    single = [reference.distance(mu, sigma) for mu, sigma in zip(means, stack)]
+    assert reference.distances(means, stack) == pytest.approx(single, rel=1e-12)
+    reference.distance_from_features(features)
+    for before, after in zip(kept, (features, stack, sigma_ref)):
+        np.testing.assert_array_equal(before, after)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

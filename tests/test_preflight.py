@@ -220,8 +220,9 @@ def test_bit_damaged_middle_pt_fails_its_crc_before_ray(pt_run, tmp_path):
     victim = sorted((pt_run / "checkpoints").glob("*.pt"))[5]
     record = _zero_bytes_in_largest_tensor(victim)
     line = _refused(pt_run, tmp_path, "--dry-run")
-    assert line == (f"error: {victim}: record {record!r} fails its CRC-32 check, so its bytes changed after they were "
-                    "written (a damaged copy or disk); copy or re-save it, or leave step 30 out with --exclude-steps 30")
+    assert line == (f"error: {victim}: record {record!r} fails its CRC-32 check, so its bytes changed after they "
+                    "were written (a damaged copy or disk); copy or re-save it, or leave step 30 out with "
+                    "--exclude-steps 30")
     assert preflight(_spec(pt_run, exclude=(30,)), load_run(pt_run)).num_checkpoints == 11
 
 
@@ -299,9 +300,9 @@ def test_detection_flags_with_a_run_json_are_refused():
 
 def test_sample_counts_below_the_feature_dimension_are_warned_about(run_copy):
     report = preflight(_spec(run_copy), load_run(run_copy), sample_counts={"--fid-samples": 63, "--final-samples": 64})
-    assert report.warnings == ("warning: --fid-samples 63 is below the 64 dimensions of the digits features, so their "
-                               "sample covariance is singular and the Fréchet distance biased; use at least 64 samples "
-                               "for a distance comparable with others",)
+    assert report.warnings == ("warning: --fid-samples 63 is below the 64 dimensions of the digits features, so "
+                               "their sample covariance is singular and the Fréchet distance biased; use at least 64 "
+                               "samples for a distance comparable with others",)
     assert report.summary().startswith("preflight: 12 checkpoints read in full")
 
 

@@ -3,7 +3,7 @@
 - Ctrl+C (SIGINT to the driver's process group, as a terminal sends it) and SIGTERM stop the search with
   exit status 130 and the exact resume command, never a table or an export; the printed command resumes,
   and after a second stop finishes the budget. A second signal exits at once and the state stays resumable.
-- kill -9 of the driver at two points: the resumed search evaluates nothing that had finished (completed
+- kill -9 of the driver at five random points: the resumed search evaluates nothing that had finished (completed
   evaluations are replayed from the candidate store), the optimizer is told exactly the budget, and the
   driver's Ray processes do not outlive it; a new search under a taken name is refused.
 - kill -9 of an ASHA search's driver mid-round: the resumed search replays recorded rounds and evaluates no
@@ -141,7 +141,7 @@ def test_a_second_stop_signal_exits_at_once_and_the_state_stays_resumable(tiny_c
     assert tune.Tuner.can_restore(str(exp_dir)) and list(exp_dir.glob("experiment_state-*.json"))
 
 
-def test_kill_9_twice_then_resume_evaluates_nothing_twice(tiny_cm_run, tmp_path):
+def test_kill_9_at_five_random_points_then_resume_evaluates_nothing_twice(tiny_cm_run, tmp_path):
     storage, name, num_trials, concurrent = tmp_path / "storage", "killed", 30, 2
     exp_dir = storage / name
     args = ["--ckpt-dir", str(tiny_cm_run), "--num-trials", str(num_trials), "--storage", str(storage),
@@ -149,7 +149,7 @@ def test_kill_9_twice_then_resume_evaluates_nothing_twice(tiny_cm_run, tmp_path)
     assert FAST[FAST.index("--max-concurrent") + 1] == str(concurrent)
     env = driver_env(TUNE_GLOBAL_CHECKPOINT_S="30")  # Ray's saved state lags far behind the evaluations
     kills = 0
-    for step, (first, last) in enumerate([(5, 9), (14, 20)]):
+    for step, (first, last) in enumerate([(3, 5), (8, 10), (13, 15), (18, 20), (23, 25)]):
         driver = start_driver([*args, *(["--resume"] if step else [])], tmp_path / f"run{step}.log", env=env)
         try:
             target = random.randint(first, last)

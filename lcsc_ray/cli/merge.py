@@ -20,7 +20,7 @@ import torch
 
 from lcsc_ray.checkpoints import CheckpointFile, MissingModule, discover_checkpoints, select_checkpoints
 from lcsc_ray.errors import LcscError
-from lcsc_ray.export import export_merged
+from lcsc_ray.export import export_merged, exported_dtype
 from lcsc_ray.profiles import named_profile, run_ema_warmup
 from lcsc_ray.run_folder import RUN_JSON, add_python_path, code_folder, read_run_json
 from lcsc_ray.run_formats import detect_format, own_run_folder, select_trajectory
@@ -136,5 +136,5 @@ def main(argv: list[str] | None = None) -> None:
     except MissingModule as error:
         raise error.for_code_dir(args.code_dir) from None
     target = export_merged(stack, alpha, args.out, extra={"profile": args.profile} if args.profile else None)
-    print(f"wrote {target} (+ {target.name}.json), coefficient sum {alpha.sum():.6g}")
+    print(f"wrote {target} (+ {target.name}.json) in {exported_dtype(target)}, coefficient sum {alpha.sum():.6g}")
 

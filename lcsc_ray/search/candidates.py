@@ -26,6 +26,7 @@ import numpy as np
 
 from lcsc_ray.atomic import atomic_write, atomic_write_json
 from lcsc_ray.errors import LcscError
+from lcsc_ray.storage import storage_error
 
 CANDIDATE_KEY = "lcsc_candidate"
 LABEL_KEY = "lcsc_label"
@@ -51,7 +52,13 @@ def save_candidate(candidates_dir: str | os.PathLike, index: int, label: str, va
         raise LcscError(f"a candidate value must be a vector, got shape {value.shape}")
     path = Path(candidates_dir).resolve() / f"{index:06d}-{digest(value)}.npy"
     if not path.is_file():
-        atomic_write(path, lambda tmp: np.save(tmp, value, allow_pickle=False))
+        try:
+            atomic_write(path, lambda tmp: np.save(tmp, value, allow_pickle=False))
+        except OSError as error:
+            problem = storage_error(path, error)
+            if problem is None:
+                raise
+            raise problem from None
     return {CANDIDATE_KEY: str(path), LABEL_KEY: label, INDEX_KEY: int(index)}
 
 
@@ -106,8 +113,16 @@ def _record_path(candidate_path: str | os.PathLike) -> Path:
 
 def save_record(config: dict, rounds: list[dict[str, Any]]) -> None:
     """Record the rounds evaluated so far of the trial's candidate (each a score or a penalty) next to its
-    value; rewritten after every round, so a killed driver loses at most the round in progress."""
-    atomic_write_json(_record_path(config[CANDIDATE_KEY]), {"rounds": rounds})
+    value; rewritten after every round, so a killed driver loses at most the round in progress. A full or
+    read-only storage raises LcscError (the trial stops the search with it)."""
+    path = _record_path(config[CANDIDATE_KEY])
+    try:
+        atomic_write_json(path, {"rounds": rounds})
+    except OSError as error:
+        problem = storage_error(path, error)
+        if problem is None:
+            raise
+        raise problem from None
 
 
 def load_record(config: dict) -> list[dict[str, Any]]:

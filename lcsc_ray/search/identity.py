@@ -23,13 +23,12 @@ from typing import Any
 
 from lcsc_ray.checkpoints import CheckpointFile, format_steps
 from lcsc_ray.errors import LcscError
+from lcsc_ray.file_identity import DIGEST_CHARS, content_digest
 from lcsc_ray.search.objective import SearchObjective
 from lcsc_ray.search.optimizers import resolve_optimizer_name
 from search_spaces.spaces import CoefficientSpace
 
 NOT_RECORDED = object()  # an experiment that predates a key: the setting is not compared
-DIGEST_CHARS = 16
-SAMPLED_BYTES = 1 << 20  # a file is identified by its size and its first and last MiB
 RUN_CONFIG_PATHS = ("data", "python_path")  # run.json entries that name places, not what a score means
 
 
@@ -83,28 +82,6 @@ def _flag(dest: str) -> Callable[[SearchInputs], Any]:
 def _setting(key: str) -> Callable[[SearchInputs], Any]:
     """A value of `search_settings`, the part of the identity `run_search` records and checks as well."""
     return lambda inputs: inputs.search[key]
-
-
-def content_digest(path: Path) -> str:
-    """sha256 of a file's size and its first and last MiB (a folder: of each of its files, by relative name).
-
-    Identifies a checkpoint or statistics file by what it holds, so a moved or copied run folder is the same
-    run and a retrained one in the same folder is not, without reading gigabytes of weights at every start."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    try:
-        for file in files:
-            size = file.stat().st_size
-            digest.update(f"{file.relative_to(path) if file != path else ''}:{size}:".encode())
-            with open(file, "rb") as handle:
-                digest.update(handle.read(SAMPLED_BYTES))
-                if size > SAMPLED_BYTES:
-                    handle.seek(max(SAMPLED_BYTES, size - SAMPLED_BYTES))
-                    digest.update(handle.read())
-    except OSError as error:
-        raise LcscError(f"{error.filename or path}: cannot be read ({error.strerror}); check the file") from None
-    return digest.hexdigest()[:DIGEST_CHARS]
 
 
 def _checkpoints(inputs: SearchInputs) -> str:
@@ -215,6 +192,7 @@ MAY_CHANGE: dict[str, str] = {
     "--max-failures": _RESOURCES,
     "--device": _RESOURCES + " (another device may change scores in their last digits)",
     "--stack-via-object-store": _RESOURCES,
+    "--stack-file": _RESOURCES,
     "--dashboard-host": "monitoring",
     "--dashboard-port": "monitoring",
     "--no-dashboard": "monitoring",

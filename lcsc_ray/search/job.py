@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import shlex
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,22 +22,27 @@ from lcsc_ray.baseline_checkpoints import ExtraBaseline, edm2_width_snapshots, e
 from lcsc_ray.checkpoints import CheckpointFile, format_steps, select_checkpoints
 from lcsc_ray.cluster import start_ray
 from lcsc_ray.data import dataset_exists
-from lcsc_ray.errors import LcscError
-from lcsc_ray.export import export_merged
+from lcsc_ray import stopping
+from lcsc_ray.errors import LcscError, keep_traces_in
+from lcsc_ray.export import export_merged, exported_dtype
 from lcsc_ray.heldout import (EvalPlan, OutputAffine, cached_metrics, candidate_samples, fit_output_affine)
 from lcsc_ray.images import write_sample_grid
 from lcsc_ray.profiles import baseline_profiles, run_ema_warmup
+from lcsc_ray.progress import progress
 from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack, available_host_bytes
 from lcsc_ray.stack_file import open_stack_file, write_stack_file
+from lcsc_ray.storage import TRIAL_BYTES, check_output_folder, existing_ancestor
+from lcsc_ray.file_identity import stamp
 from lcsc_ray.reference_stats import ensure_reference_stats
 from lcsc_ray.preflight import DETECTION_FLAGS, check_detection_flags, check_trial_budget, preflight
 from lcsc_ray.run_folder import RUN_JSON, RunInfo
 from lcsc_ray.run_formats import ResolvedRun, resolve_from_args
 from lcsc_ray.run_formats.nvlabs import reference_stats_from_pickle
 from lcsc_ray.sampling import sampler_options
-from lcsc_ray.atomic import atomic_write_json
+from lcsc_ray.atomic import atomic_write_json, commit_staged, staging_folder
 from lcsc_ray.scoring import ScoringSpec, cached_scorer, load_stack, spec_run
 from lcsc_ray.search.flags import HELDOUT_SEED_OFFSET, parse_args
+from lcsc_ray.search.commands import continue_command, new_search_command
 from lcsc_ray.search.identity import SearchInputs, check_identity, identity_record
 from lcsc_ray.search.ray_compat import in_ray_job
 from lcsc_ray.search.monitor import PROGRESS_PLOT, PROGRESS_PLOT_EVERY_S
@@ -47,7 +50,7 @@ from lcsc_ray.search.objective import SearchObjective
 from lcsc_ray.search.report import (SIGNIFICANCE_SE, ScoredCandidate, compare, format_table, plot_best_so_far,
                                     plot_coefficients, write_results)
 from lcsc_ray.search.trial import PENALTY_SCORE, LcscTrial
-from lcsc_ray.search.tuner import ResultTable, TrialRecord, check_experiment, run_search
+from lcsc_ray.search.tuner import MANIFEST, ResultTable, TrialRecord, check_experiment, run_search
 from lcsc_ray.training.demo import ensure_demo_run
 from search_spaces.spaces import CoefficientSpace, build_space
 
@@ -119,17 +122,6 @@ def check_paths_in_ray_job(args: argparse.Namespace) -> None:
                             "directory is a temporary copy of the code; give an absolute path on storage every node sees")
 
 
-def resume_command(argv: list[str] | None, kind: str, name: str, storage: Path) -> str:
-    """The exact command that continues this search: the same flags, plus --resume and the experiment."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    for flag, value in (("--name", name), ("--storage", str(storage))):
-        if flag not in args:
-            args += [flag, value]
-    if "--resume" not in args:
-        args.append("--resume")
-    return shlex.join(["python", f"launch/tune_{kind}.py", *args])
-
-
 def experiment_name(args: argparse.Namespace, kind: str, storage: Path) -> str:
     """The --name, or a fresh timestamped one; with --resume and no --name the newest experiment."""
     if args.name:
@@ -153,6 +145,7 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
     """Run the whole LCSC job for a CM (`kind="cm"`) or DM run; returns what results.json holds."""
     args = parse_args(argv, kind)
     check_paths_in_ray_job(args)  # before any path is resolved against the job's temporary working directory
+    stopping.set_phase("the run's checks", command=lambda: continue_command(argv, kind))
     objective = SearchObjective(noise_seed=args.noise_seed, fresh_noise_every=args.fresh_noise_every,
                                 coef_penalty=args.coef_penalty)  # checks its flags before any training or loading
     started = time.perf_counter()
@@ -185,25 +178,32 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
     storage = Path(args.storage).expanduser().resolve()
     name = experiment_name(args, kind, storage)
     manifest = check_experiment(storage, name, resume=args.resume)  # before Ray starts: fail fast, never overwrite
+    stopping.set_phase(f"the checks before search {name}", command=lambda: continue_command(
+        argv, kind, name, storage, resume=(storage / name / MANIFEST).is_file()))  # --resume once it exists
+    keep_traces_in(storage / name)
     rounds = LcscTrial.round_schedule(args.rounds, args.fid_samples, args.scheduler)
     identity = identity_record(SearchInputs(
         args=args, run_dir=run.run_dir, files=files, trajectory=resolved.trajectory, run_config=run.config,
         reference_stats=ref_stats, space=space, rounds=rounds, objective=objective))
     if manifest is not None:
         check_identity(name, manifest, identity)  # before Ray starts: a resume never mixes other settings' scores
+    output = Path(args.out).expanduser().resolve() if args.out else storage / name / "final"
+    check_output_folder(storage, "--storage")  # writable before anything is written there
     preview = storage / f"{name}.preview.png" if args.dry_run else None
     report = preflight(spec, run, preview=preview, sample_counts={"--fid-samples": args.fid_samples,
                                                                    "--final-samples": args.final_samples})
     print("\n".join([*report.warnings, report.summary()]))  # every input checked before an experiment folder exists
+    check_space(args, storage, output, report.num_params, len(files))
+    spec = replace(spec, file_stamps=tuple(stamp(f.path) for f in files))  # what every later reader compares
     save_run_json(resolved, storage, name)
     if args.dry_run:
         print(f"dry run: stopped before Ray; samples of the newest checkpoint: {preview}")
         return {"dry_run": True, "format": run.format, "convention": run.convention.name, "steps": steps,
                 "trajectory": resolved.trajectory, "preview": str(preview)}
     plan = eval_plan(args, run)  # the final evaluation's extractors and data: checked (and cached) before the search
-    output = Path(args.out).expanduser().resolve() if args.out else storage / name / "final"
     if args.stack_file:
         spec = replace(spec, stack_file=str(build_stack_file(spec, storage / f"{name}.stack")))
+    stopping.set_phase("Ray start-up")
     url = start_ray(args.address, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
                     dashboard_port=args.dashboard_port, quiet=args.quiet)
     if url:
@@ -225,7 +225,8 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
         trainable, space, optimizer=args.optimizer, num_trials=args.num_trials, seed=args.seed,
         warm_start=baselines, storage=storage, name=name, resume=args.resume,
         max_concurrent=args.max_concurrent, resources=_resources(args), max_failures=args.max_failures,
-        progress=not args.quiet, penalty=PENALTY_SCORE, resume_hint=resume_command(argv, kind, name, storage),
+        progress=not args.quiet, penalty=PENALTY_SCORE, resume_hint=continue_command(argv, kind, name, storage, resume=True),
+        new_search_hint=lambda step: new_search_command(argv, kind, name, storage, step),
         scheduler=args.scheduler, rounds=rounds, reduction_factor=args.reduction_factor, objective=objective,
         candidates_per_trial=args.candidates_per_trial, identity=identity,
     )
@@ -245,27 +246,40 @@ def finish(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace
     searched_baselines = {name: row.score for name, row in table.baselines().items()}
     candidates = [ScoredCandidate(name, "baseline", searched_baselines.get(name), alpha=alpha)
                   for name, alpha in baselines.items()]
+    stopping.set_phase("the scoring of the run's baseline checkpoints" + AFTER_SEARCH)
     candidates += score_extra_baselines(extra_baselines(run, spec.files, args.phema or ()), spec, payload, args)
+    stopping.set_phase("the control fit" + AFTER_SEARCH)
     candidates.append(fit_control(candidates, spec, payload, args))
     candidates += [ScoredCandidate(f"search rank {i + 1} (trial {row.index})", "lcsc", row.score, alpha=row.alpha,
                                    trial=row.index) for i, row in enumerate(pick_finalists(table, args.top_k))]
     seeds = heldout_seeds(args)
+    stopping.set_phase("held-out scoring" + AFTER_SEARCH)
     metric_name = rescore_heldout(candidates, spec, payload, args, plan, seeds)
     winner, best, deciding = print_verdict(candidates, metric_name, args)
-    output.mkdir(parents=True, exist_ok=True)
-    exported = export_best(best, winner, candidates, baselines, spec, payload, args, output, metric_name, seeds[0])
+    # Everything of the final folder is written into a staging folder and moved in at once at the end, so
+    # a stop in any phase leaves results.json, the export and its sidecar together or none of them.
+    staging = staging_folder(output)
+    stopping.set_phase("the export" + AFTER_SEARCH)
+    staged = export_best(best, winner, candidates, baselines, spec, payload, args, staging, metric_name, seeds[0])
+    exported = str(output / Path(staged).relative_to(staging))
+    stopping.set_phase("the final plots" + AFTER_SEARCH)
     results = build_results(args, table, space, steps, spec, candidates, winner, best, exported, metric_name,
                             seeds, deciding, timings={"search_seconds": search_seconds,
                                                       "final_seconds": time.perf_counter() - started,
                                                       "median_trial_stage_seconds": _median_stage_times(table)})
-    write_results(output / "results.json", results)
-    plot_best_so_far(output / "best_score_vs_trial.png", [r.score for r in table.rows], metric_name=metric_name,
+    write_results(staging / "results.json", results)
+    plot_best_so_far(staging / "best_score_vs_trial.png", [r.score for r in table.rows], metric_name=metric_name,
                      penalty=PENALTY_SCORE, baselines={c.name: c.search_score for c in candidates
                                                        if c.kind != "lcsc" and c.search_score is not None})
-    plot_coefficients(output / "coefficients_vs_step.png", steps,
+    plot_coefficients(staging / "coefficients_vs_step.png", steps,
                       {"LCSC winner": winner.alpha, **{n: a for n, a in baselines.items() if n.startswith(("ema", "phema"))}})
+    stopping.set_phase("moving the results into place")
+    commit_staged(staging, last="results.json")
     print(f"results: {output / 'results.json'}; exported checkpoint: {exported}; plots and sample grids in {output}")
     return results
+
+
+AFTER_SEARCH = " after the search (its trials are saved; the final stage starts over when it continues)"
 
 
 def heldout_seeds(args: argparse.Namespace) -> list[int]:
@@ -291,6 +305,20 @@ def eval_plan(args: argparse.Namespace, run: RunInfo) -> EvalPlan:
                        for name in (args.eval_extractors if data is not None else ()))
     return EvalPlan(extractors=extractors, real_data=data, pr_samples=args.pr_samples,
                     inception_weights=args.inception_weights)
+
+
+def check_space(args: argparse.Namespace, storage: Path, output: Path, num_params: int, num_checkpoints: int) -> None:
+    """Before Ray: --storage and --out can be written and hold what the search will write there (each trial's
+    candidate, record and Tune files; the stack file; the export, plots and grids of the final folder)."""
+    export = num_params * 4 + (16 << 20)  # the merged weights at most float32, plus plots, grids and results
+    trials = args.num_trials * (num_checkpoints * 8 + TRIAL_BYTES)
+    stack = num_checkpoints * num_params * (2 if args.stack_dtype != "float32" else 4) if args.stack_file else 0
+    # The final folder inside the experiment, or elsewhere on the same file system, takes from the same space.
+    inside = output.is_relative_to(storage)
+    shared = inside or existing_ancestor(output).stat().st_dev == existing_ancestor(storage).stat().st_dev
+    check_output_folder(storage, "--storage", trials + stack + (export if shared else 0))
+    if not inside:  # probed on its own: a read-only mount of the same file system shares its device number
+        check_output_folder(output, "--out", 0 if shared else export)
 
 
 def build_stack_file(spec: ScoringSpec, folder: Path) -> Path:
@@ -386,6 +414,11 @@ def rescore_heldout(candidates: list[ScoredCandidate], spec: ScoringSpec, payloa
     resources = _task_resources(args)
     futures = [[_score_candidate.options(name=f"lcsc held-out score: {c.name}", **resources).remote(
         spec, payload, plan, c.source, c.transform, seed, args.final_samples) for seed in seeds] for c in candidates]
+    pending = [ref for row in futures for ref in row]
+    with progress(total=len(pending), desc="held-out scoring", unit="score", disable=args.quiet) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.update(len(done))
     for candidate, row in zip(candidates, futures):
         candidate.heldout = ray.get(row)
     print(f"held-out scoring took {time.perf_counter() - started:.0f} s")
@@ -461,8 +494,11 @@ def export_best(best: ScoredCandidate, winner: ScoredCandidate, candidates: list
     grids = {"lcsc_winner": winner.alpha, "newest": baselines["newest"],
              f"best_baseline_{best_baseline.name}": best_baseline.source}
     metrics = {metric: best.mean(metric) for metric in best.heldout[0]}
-    return ray.get(_export_candidate.options(name=f"lcsc export: {best.name}", num_cpus=args.cpus_per_trial).remote(
-        spec, payload, best.source, str(output / merged_name), metrics, grids, seed))
+    exported = ray.get(_export_candidate.options(name=f"lcsc export: {best.name}", num_cpus=args.cpus_per_trial)
+                       .remote(spec, payload, best.source, str(output / merged_name), metrics, grids, seed))
+    print(f"export: {best.name} in {exported_dtype(exported)} (each tensor in the dtype most merged checkpoints "
+          "hold it in; float32 where none has a majority)")
+    return exported
 
 
 def build_results(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace, steps: list[int],

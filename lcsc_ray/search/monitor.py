@@ -33,18 +33,23 @@ from lcsc_ray.search.candidates import BASELINE_PREFIX, INDEX_KEY, LABEL_KEY
 from lcsc_ray.search.ray_compat import interrupt_tune_run
 from lcsc_ray.search.report import plot_best_so_far
 from lcsc_ray.search.trial import INPUT_ERROR_KEY
+from lcsc_ray.storage import storage_problem
 
 STAGE_BUCKETS = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
 PROGRESS_PLOT = "progress.png"  # in the experiment folder
 PROGRESS_PLOT_EVERY_S = 30.0
+PLOT_WAIT_S = 5.0  # the longest the end of a search waits for a figure (written atomically: whole or not at all)
+STORAGE_CHECK_EVERY_S = 5.0
 
 
 class SearchMonitor(tune.Callback):
     """Progress line and live metrics of one search (see module docstring)."""
 
     def __init__(self, *, experiment: str, num_trials: int, metric: str = "score", print_every_s: float = 10.0,
-                 penalty: float = float("inf"), echo: bool = True) -> None:
+                 penalty: float = float("inf"), echo: bool = True, storage_dir: str | None = None) -> None:
         self.experiment, self.num_trials, self.metric = experiment, num_trials, metric
+        self.storage_dir = storage_dir  # the experiment folder the storage watchdog checks
+        self._last_storage_check = float("-inf")
         self.print_every_s, self.penalty, self.echo = print_every_s, penalty, echo
         self.input_error: str | None = None
         self.unfinished: int | None = None  # trials neither completed nor errored when the run ended
@@ -61,7 +66,7 @@ class SearchMonitor(tune.Callback):
         """Tune pickles its run config (tuner.pkl); metric handles, clocks and threads belong to one process."""
         return {**self.__dict__, "_metrics": None, "_done_at_start": None, "_started": time.monotonic(),
                 "input_error": None, "unfinished": None, "completed": 0, "_last_plot": float("-inf"),
-                "_plotter": None}
+                "_plotter": None, "_last_storage_check": float("-inf")}
 
     def metrics(self) -> tuple[metrics.Gauge, metrics.Gauge, metrics.Gauge, metrics.Histogram]:
         """(best score, completed trials, failed trials gauges; stage seconds histogram), created on first use."""
@@ -99,13 +104,14 @@ class SearchMonitor(tune.Callback):
 
     def plot_progress(self, done: list[Trial], *, final: bool = False) -> None:
         """Redraw `progress.png` from a daemon thread unless one is still drawing or the last one started
-        less than `PROGRESS_PLOT_EVERY_S` ago; `final` (the run's end) draws the last state and waits for it."""
+        less than `PROGRESS_PLOT_EVERY_S` ago; `final` (the run's end) draws the last state and waits for it,
+        at most `PLOT_WAIT_S` each time: a slow figure must never hold up the end of a search or its stop."""
         busy = self._plotter is not None and self._plotter.is_alive()
         now = time.monotonic()
         if not final and (busy or now - self._last_plot < PROGRESS_PLOT_EVERY_S):
             return
         if busy:
-            self._plotter.join()
+            self._plotter.join(timeout=PLOT_WAIT_S)
         done = sorted(done, key=lambda t: t.config.get(INDEX_KEY, 0))
         if not done:
             return
@@ -121,7 +127,7 @@ class SearchMonitor(tune.Callback):
                                                      baselines=baselines))
         self._plotter.start()
         if final:
-            self._plotter.join()
+            self._plotter.join(timeout=PLOT_WAIT_S)
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         if self._done_at_start is None:
@@ -129,7 +135,7 @@ class SearchMonitor(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         finished = self._done(trials, trial)  # one pass over the trial list per completion
-        done = len(finished)
+        done = self.completed = len(finished)  # kept current for the line of a stop that ends the driver early
         best, eta = self.progress(finished)
         self.plot_progress(finished)
         best_gauge, completed_gauge, failed_gauge, stage_histogram = self.metrics()
@@ -149,9 +155,25 @@ class SearchMonitor(tune.Callback):
                   f"ETA {eta_text}", flush=True)
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
-        if INPUT_ERROR_KEY in result and self.input_error is None:
-            self.input_error = str(result[INPUT_ERROR_KEY])
+        if INPUT_ERROR_KEY in result:
+            self.stop_for(str(result[INPUT_ERROR_KEY]))
+
+    def stop_for(self, problem: str) -> None:
+        """Stop the search the way a first Ctrl+C does, keeping `problem` as the line the driver prints."""
+        if self.input_error is None:
+            self.input_error = problem
             interrupt_tune_run()
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info) -> None:
+        """The storage watchdog: every `STORAGE_CHECK_EVERY_S`, stop the search while its folder can still
+        take Tune's last save (lcsc_ray/storage.py), rather than let a full or read-only disk fail inside it."""
+        now = time.monotonic()
+        if self.storage_dir is None or now - self._last_storage_check < STORAGE_CHECK_EVERY_S:
+            return
+        self._last_storage_check = now
+        problem = storage_problem(Path(self.storage_dir))
+        if problem is not None:
+            self.stop_for(f"storage {problem}")
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
         finished = self._done(trials, None)

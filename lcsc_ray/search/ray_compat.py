@@ -9,6 +9,7 @@ See docs/RAY_NEVERGRAD.md for why each one is needed.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -17,6 +18,8 @@ from typing import Any, TypeVar
 
 import ray
 from ray import tune
+
+from lcsc_ray import stopping
 
 RAY_VERSION = "2.60.0"
 _Searcher = TypeVar("_Searcher")
@@ -83,6 +86,42 @@ def in_ray_job() -> bool:
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
     return RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ
+
+
+def let_driver_handle_sigint() -> None:
+    """Keep Tune from installing its own SIGINT handler (`TUNE_DISABLE_SIGINT_HANDLER`, read at each run): the
+    driver's handler (lcsc_ray/stopping.py) asks Tune to stop through SIGUSR1 instead, which Tune handles
+    the same way, so Ctrl+C and SIGTERM take one path and a second signal of either kind exits at once."""
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+
+
+# Tune's log lines about a stopped run: restore advice for its Python API and trial lists, where the driver
+# prints one line with the command that continues the search.
+TUNE_STOP_MESSAGES = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete",
+                      "Failed to fetch metrics")
+TUNE_STOP_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+TUNE_SAVED_MESSAGE = "Wrote the latest version of all result files and experiment state"  # after its loop
+
+
+class _TuneStopRecords(logging.Filter):
+    """Drops Tune's records that start with one of `TUNE_STOP_MESSAGES`, and reports its final save."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if message.startswith(TUNE_SAVED_MESSAGE):
+            stopping.state_saved()
+        return not message.startswith(TUNE_STOP_MESSAGES)
+
+
+def watch_tune_stop() -> None:
+    """Leave Tune's stop and restore advice out of the console (`TUNE_STOP_MESSAGES`), and tell the driver's
+    stop handling when Tune has saved the experiment after leaving its loop: from then on the driver may
+    exit without losing anything, also when Tune's cleanup waits for a Ray that a process-group SIGTERM
+    already took down. Tune logs that save at INFO level; idempotent."""
+    for name in TUNE_STOP_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _TuneStopRecords) for f in logger.filters):
+            logger.addFilter(_TuneStopRecords())
 
 
 def interrupt_tune_run() -> None:

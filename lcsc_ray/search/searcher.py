@@ -49,12 +49,15 @@ class LcscNevergradSearch(NevergradSearch):
         max_concurrent: int = 1,
         candidates_per_trial: int = 1,
         budget: int | None = None,
+        replay_store: bool = False,
     ) -> None:
         """`optimizer`: a built Nevergrad optimizer (`build_optimizer`); `experiment_dir`: the Tune experiment
         folder, which holds the candidate store; `warm_start`: (name, value) pairs in the order they should
         run (values in the space's parametrization, `space.to_value(α)`); `candidates_per_trial`: candidates
         asked together and evaluated by one trial, each told with its own score; `budget`: candidates in all
-        (the last trial gets what is left; None: no cap)."""
+        (the last trial gets what is left; None: no cap); `replay_store`: the store already holds evaluations
+        of this search (rebuilt after its Ray state was damaged): suggestions reuse their values, so their
+        trials replay the records from the first suggestion on."""
         if max_concurrent < 1:
             raise LcscError(f"--max-concurrent must be at least 1, got {max_concurrent}")
         self._warm_labels = [f"{BASELINE_PREFIX}{name}" for name, _ in warm_start]
@@ -66,7 +69,7 @@ class LcscNevergradSearch(NevergradSearch):
         self._num_suggested = 0
         self._orphans: dict = {}
         # Evaluations recorded in the store, read once after a restore (None: not read yet); empty for a new search.
-        self._recorded: dict[int, np.ndarray] | None = {}
+        self._recorded: dict[int, np.ndarray] | None = None if replay_store else {}
         # (index, label, loss) of every tell, in tell order: small, and lets callers check what was told.
         self.told: list[tuple[int, str, float]] = []
         super().__init__(
@@ -94,10 +97,13 @@ class LcscNevergradSearch(NevergradSearch):
         if count < 1:
             return None
         entries, configs = [], []
-        for _ in range(count):
-            entry, config = self._suggest_one()
-            entries.append(entry)
-            configs.append(config)
+        try:
+            for _ in range(count):
+                entry, config = self._suggest_one()
+                entries.append(entry)
+                configs.append(config)
+        except LcscError:  # the store cannot be written (disk full, read-only): suggest nothing more; the
+            return None    # monitor's storage watchdog stops the search with the line saying why
         self._live_trial_mapping[trial_id] = entries
         return batch_config(configs)
 

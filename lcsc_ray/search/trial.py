@@ -167,7 +167,10 @@ class LcscTrial(tune.Trainable):
         except LcscError as error:
             return self._report_input_error(error)
         self._done.append(report)
-        save_record(self.config, self._done)
+        try:
+            save_record(self.config, self._done)
+        except LcscError as error:  # the storage is full or read-only: stop the search, resumable
+            return self._report_input_error(error)
         self.stage, self.last_score = "idle", report["score"]
         return {**report, "replayed": False, "done": bool(report[FULL_FIDELITY_KEY])}
 
@@ -192,9 +195,9 @@ class LcscTrial(tune.Trainable):
                 self.stage = "scoring"
                 report = evaluate_candidate(config, scoring=self.scoring, space=self.space, objective=self.objective,
                                             num_samples=self.rounds[-1], stack_payload=self.stack_payload)
+                save_record(config, [report])
             except LcscError as error:
                 return self._report_input_error(error)
-            save_record(config, [report])
             reports.append({**report, "replayed": False})
         best = min(reports, key=lambda r: r["score"])
         summary = {key: sum(float(r.get(key, 0.0)) for r in reports)

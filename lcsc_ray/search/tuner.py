@@ -8,7 +8,8 @@ How a run ends, and what the caller gets:
 - the budget is reached: a `ResultTable`;
 - a trial reported an input problem: `LcscError` with that line and the resume command (exit status 2);
 - Ctrl+C or SIGTERM (or `ray job stop`): Tune saves the experiment state; `SearchInterrupted` with the
-  exact resume command (exit status 130), never a table. A second signal exits at once;
+  exact resume command (exit status 130 or 143), never a table. A second signal exits at once, and so does
+  a driver whose stop takes longer than a few seconds (lcsc_ray/stopping.py);
 - trials that ended in ERROR without an input problem (a lost node or worker) are re-run once through the
   same restore, so the search completes its count.
 Resume goes through `Tuner.restore(..., resume_unfinished=True, resume_errored=True)`; Ray silently starts
@@ -17,16 +18,15 @@ afresh when the experiment state is missing or corrupt, so the files are checked
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
 import re
-import signal
-import sys
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from ray import tune
@@ -34,19 +34,24 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from lcsc_ray import stopping
 from lcsc_ray.atomic import atomic_write_json
+from lcsc_ray.checkpoints import excluded_step
 from lcsc_ray.errors import LcscError, SearchInterrupted
-from lcsc_ray.search.candidates import INDEX_KEY, candidate_configs, decode_candidate
+from lcsc_ray.search.candidates import (CANDIDATES_DIR, INDEX_KEY, RECORD_SUFFIX, candidate_configs,
+                                        decode_candidate)
 from lcsc_ray.search.identity import check_identity, search_settings
 from lcsc_ray.search.monitor import SearchMonitor
 from lcsc_ray.search.objective import SearchObjective
 from lcsc_ray.search.optimizers import build_optimizer
 from lcsc_ray.search.ray_compat import (allow_pending_trials, allow_results_without_metric, check_ray_version,
-                                        interrupt_tune_run, json_trial_logs_only, run_config_of)
+                                        interrupt_tune_run, json_trial_logs_only, let_driver_handle_sigint,
+                                        run_config_of, watch_tune_stop)
 from lcsc_ray.search.searcher import LcscNevergradSearch, load_searcher
 from search_spaces.spaces import CoefficientSpace
 
 MANIFEST = "lcsc_search.json"
+REBUILD_KEY = "_rebuild"  # set on a manifest whose Ray state is damaged: the search is rebuilt from its store
 EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 TIME_ATTR = "num_samples"  # what ASHA's rungs count: samples a trial has scored so far
@@ -98,23 +103,46 @@ def _experiment_dir(storage: str | os.PathLike, name: str) -> Path:
 
 
 def _check_resumable(exp_dir: Path) -> dict[str, Any]:
-    """Refuse to resume from a missing or damaged experiment (Ray would silently start afresh)."""
+    """The manifest of the experiment to resume. Ray would silently start afresh from a missing or damaged
+    experiment state, so the state is checked first; when it is damaged (a disk that filled up, a driver
+    killed before Ray's first save) but our manifest is intact, the manifest says so under `REBUILD_KEY` and
+    `run_search` rebuilds the search from the candidate store, whose records are the source of truth."""
     if not exp_dir.is_dir():
         raise LcscError(f"no experiment {exp_dir.name} in {exp_dir.parent}; drop --resume to start it")
-    remedy = f"start again under another --name (or delete {exp_dir})"
+    try:
+        manifest = json.loads((exp_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise LcscError(f"{exp_dir / MANIFEST} is missing or corrupt, so this is not a search lcsc-ray can resume; "
+                        f"start again under another --name (or delete {exp_dir})") from None
+    damage = ray_state_damage(exp_dir)
+    return manifest if damage is None else {**manifest, REBUILD_KEY: damage}
+
+
+def ray_state_damage(exp_dir: Path) -> str | None:
+    """Why Ray cannot restore the experiment in `exp_dir` as it is, or None."""
     if not tune.Tuner.can_restore(str(exp_dir)):
-        raise LcscError(f"{exp_dir} has no tuner.pkl, so it is not a search Ray can restore; {remedy}")
+        return "it has no tuner.pkl"
     states = sorted(glob.glob(str(exp_dir / EXPERIMENT_STATE_GLOB)))
     if not states:
-        raise LcscError(f"{exp_dir} has no {EXPERIMENT_STATE_GLOB}: it was stopped before its first checkpoint; {remedy}")
+        return f"it has no {EXPERIMENT_STATE_GLOB} (stopped before Ray's first save)"
     try:
         json.loads(Path(states[-1]).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise LcscError(f"experiment state {states[-1]} is corrupt, Ray would start afresh; {remedy}") from None
-    try:
-        return json.loads((exp_dir / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise LcscError(f"{exp_dir / MANIFEST} is missing or corrupt; {remedy}") from None
+        return f"its experiment state {Path(states[-1]).name} is damaged"
+    if not glob.glob(str(exp_dir / "searcher-state-*.pkl")):
+        return "it has no searcher state"
+    return None
+
+
+def set_aside_ray_state(exp_dir: Path) -> Path:
+    """Move Ray's files of a damaged experiment into `damaged-<time>/` inside it, keeping the manifest and the
+    candidate store in place, so a fresh Tune run can start in the same folder."""
+    aside = exp_dir / f"damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for entry in exp_dir.iterdir():
+        if entry.name not in (MANIFEST, CANDIDATES_DIR) and not entry.name.startswith("damaged-"):
+            shutil.move(str(entry), str(aside / entry.name))
+    return aside
 
 
 def check_experiment(storage: str | os.PathLike, name: str, *, resume: bool) -> dict[str, Any] | None:
@@ -155,9 +183,12 @@ def run_search(
     objective: SearchObjective = SearchObjective(),
     candidates_per_trial: int = 1,
     identity: Mapping[str, Any] | None = None,
+    new_search_hint: Callable[[int], str] | None = None,
 ) -> ResultTable:
     """Run (or resume) the search to its budget and return its completed trials (module docstring for the
-    other endings; `resume_hint` is the command printed for them, by default the flags that name the run).
+    other endings; `resume_hint` is the command printed for them, by default the flags that name the run;
+    `new_search_hint(step)` the command of a new search without the checkpoint at `step`, printed when a
+    trial's input error names that remedy, which a resume cannot apply).
 
     `trainable` is a Ray Tune trainable receiving `config` with the keys of `lcsc_ray.search.candidates`
     (decode with `decode_candidate`); it must report `metric` (lower is better).
@@ -186,13 +217,22 @@ def run_search(
     settings = {**(identity or {}), **search_settings(
         space, optimizer=optimizer, seed=seed, scheduler=scheduler, rounds=rounds, objective=objective,
         candidates_per_trial=candidates_per_trial)}
+    rebuild = manifest is not None and REBUILD_KEY in manifest
     if manifest is not None:
         check_identity(name, manifest, settings)
         if manifest["num_trials"] != num_trials:
             print(f"note: resuming {name} to its original budget of {manifest['num_trials']} trials")
+    if manifest is not None and not rebuild:
         budget = tune_trials(manifest["num_trials"], candidates_per_trial)
-        grid, monitor = _fit(_restore(exp_dir, wrapped), name, budget, metric, penalty, progress)
+        grid, monitor = _fit(_restore(exp_dir, wrapped), name, budget, metric, penalty, progress, exp_dir)
     else:
+        if rebuild:
+            num_trials = int(manifest["num_trials"])
+            recorded = len(list((exp_dir / CANDIDATES_DIR).glob(f"*{RECORD_SUFFIX}")))
+            aside = set_aside_ray_state(exp_dir)
+            print(f"note: Ray cannot restore {name} ({manifest[REBUILD_KEY]}; its files are kept in {aside}): "
+                  f"rebuilding the search from its candidate store, where {recorded} finished evaluation(s) are "
+                  "replayed, not run again")
         if num_trials < 1:
             raise LcscError(f"--num-trials must be at least 1, got {num_trials}")
         warm = list((warm_start or {}).items())
@@ -210,6 +250,7 @@ def run_search(
             max_concurrent=max_concurrent,
             candidates_per_trial=candidates_per_trial,
             budget=num_trials,
+            replay_store=rebuild,
         )
         atomic_write_json(exp_dir / MANIFEST, {
             **settings, "num_trials": num_trials, "metric": metric, "warm_start": [label for label, _ in warm],
@@ -231,16 +272,16 @@ def run_search(
             ),
         )
         budget = tune_trials(num_trials, candidates_per_trial)
-        grid, monitor = _fit(tuner, name, budget, metric, penalty, progress)
-    _check_ending(monitor, name, budget, resume_hint)
+        grid, monitor = _fit(tuner, name, budget, metric, penalty, progress, exp_dir)
+    _check_ending(monitor, name, budget, resume_hint, new_search_hint)
     if monitor.errored:
         # A trial whose node or worker died can end in ERROR with retries left: Tune stops instead of
         # recovering a trial whose second failure event arrives while it is already pending a retry. The
         # candidate was never told, so the budget would come up short: re-run the errored trials once.
         print(f"note: {monitor.errored} trial(s) of {name} ended in error (a lost node or worker); re-running "
               f"them once")
-        grid, monitor = _fit(_restore(exp_dir, wrapped), name, budget, metric, penalty, progress)
-        _check_ending(monitor, name, budget, resume_hint)
+        grid, monitor = _fit(_restore(exp_dir, wrapped), name, budget, metric, penalty, progress, exp_dir)
+        _check_ending(monitor, name, budget, resume_hint, new_search_hint)
     return collect_results(grid, space, metric=metric, experiment_path=exp_dir)
 
 
@@ -281,13 +322,23 @@ def _actor_named(trainable: Callable | type) -> Callable | type:
     return trainable
 
 
-def _check_ending(monitor: SearchMonitor, name: str, budget: int, resume_hint: str) -> None:
+def _check_ending(monitor: SearchMonitor, name: str, budget: int, resume_hint: str,
+                  new_search_hint: Callable[[int], str] | None = None) -> None:
     """Raise unless the run ended by reaching its budget (completed or errored trials)."""
     if monitor.input_error:
+        step = excluded_step(monitor.input_error)
+        if step is not None and new_search_hint is not None:  # a new selection: a resume keeps the old one
+            raise LcscError(f"{monitor.input_error} (search stopped; a resumed search keeps the checkpoints it "
+                            f"started with, so leave step {step} out in a new search: {new_search_hint(step)}; or "
+                            f"once the file is repaired, continue this one with: {resume_hint})")
         raise LcscError(f"{monitor.input_error} (search stopped; fix this, then continue with: {resume_hint})")
     if monitor.completed + monitor.errored < budget:
-        raise SearchInterrupted(f"search {name} stopped with {monitor.completed} of {budget} trials completed; "
-                                f"its state is saved, continue it with: {resume_hint}")
+        raise SearchInterrupted(f"{_stopped_search(name, monitor.completed, budget)}; continue it with: {resume_hint}")
+
+
+def _stopped_search(name: str, completed: int, budget: int) -> str:
+    """What a stopped search leaves, for its last line (with the command that continues it)."""
+    return f"search {name} stopped with {completed} of {budget} trials completed; its state is saved"
 
 
 def _restore(exp_dir: Path, trainable: Any) -> tune.Tuner:
@@ -296,51 +347,23 @@ def _restore(exp_dir: Path, trainable: Any) -> tune.Tuner:
 
 
 def _fit(tuner: tune.Tuner, name: str, num_trials: int, metric: str, penalty: float,
-         progress: bool) -> tuple[Any, SearchMonitor]:
+         progress: bool, exp_dir: Path) -> tuple[Any, SearchMonitor]:
     """Run the tuner with this process's monitor attached; the result grid and the monitor."""
-    monitor = _attach_monitor(tuner, name, num_trials, metric, penalty, progress)
-    with _stop_signals():
+    monitor = _attach_monitor(tuner, name, num_trials, metric, penalty, progress, exp_dir)
+    let_driver_handle_sigint()
+    watch_tune_stop()
+    stopping.set_phase(f"search {name}", stopped=lambda: _stopped_search(name, monitor.completed, num_trials))
+    with stopping.graceful(interrupt_tune_run):  # Ctrl+C and SIGTERM: Tune saves the state and returns
         grid = tuner.fit()
     return grid, monitor
 
 
-@contextlib.contextmanager
-def _stop_signals() -> Iterator[None]:
-    """Make SIGTERM (cluster schedulers, `ray job stop`) stop the search like a first Ctrl+C, and a second
-    stop signal of either kind exit at once, also while the stopped driver shuts down.
-
-    Tune handles the first SIGINT itself (leave the loop, save the state) and then puts back the handler it
-    found, which is the one installed here; SIGTERM is turned into Tune's SIGUSR1, which it handles the same
-    way. The saved state stays resumable when the second signal exits without waiting."""
-    received = []
-
-    def exit_now(signum: int, frame: Any) -> None:
-        print("\nsecond stop signal: exiting now; the last saved state of the search is kept (--resume)",
-              file=sys.stderr, flush=True)
-        os._exit(130)
-
-    def handle(signum: int, frame: Any) -> None:
-        received.append(signum)
-        if signum == signal.SIGTERM and len(received) == 1:
-            interrupt_tune_run()
-            return
-        exit_now(signum, frame)
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        # Tune puts our handler back only after it handled a stop signal; then the run is stopping for good.
-        stopped = bool(received) or signal.getsignal(signal.SIGINT) is handle
-        for sig, handler in previous.items():
-            signal.signal(sig, exit_now if stopped else handler)
-
-
 def _attach_monitor(tuner: tune.Tuner, name: str, num_trials: int, metric: str, penalty: float,
-                    progress: bool) -> SearchMonitor:
+                    progress: bool, exp_dir: Path) -> SearchMonitor:
     """Give the run this process's monitor. A restored run's config comes from tuner.pkl, so it is set on
     the tuner's run config rather than passed in, the same way for fresh and restored runs."""
-    monitor = SearchMonitor(experiment=name, num_trials=num_trials, metric=metric, penalty=penalty, echo=progress)
+    monitor = SearchMonitor(experiment=name, num_trials=num_trials, metric=metric, penalty=penalty, echo=progress,
+                            storage_dir=str(exp_dir))
     run_config = run_config_of(tuner)
     kept = [c for c in (run_config.callbacks or []) if not isinstance(c, (SearchMonitor, JsonLoggerCallback))]
     run_config.callbacks = kept + [monitor, *json_trial_logs_only()]

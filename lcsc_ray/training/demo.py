@@ -48,10 +48,18 @@ def demo_config(kind: str) -> dict:
     return make_config(kind, **DEFAULTS[kind])
 
 
+# Minutes of CPU time a demo run's training took on a 2-core machine (docs/TRAINING.md): 461 s CM, 298 s DM.
+FIRST_USE_MINUTES = {"cm": 8, "dm": 5}
+
+
 def ensure_demo_run(kind: str, *, quiet: bool = False) -> Path:
     """Return the demo run folder, training it with the defaults first unless it is complete (done.json);
     an interrupted run resumes from its newest checkpoint."""
     run_dir = default_run_dir(kind)
     if not (run_dir / DONE_JSON).is_file():
+        if not quiet:
+            print(f"training the digits demo run ({kind}) on first use into {run_dir}: about "
+                  f"{FIRST_USE_MINUTES[kind]} min on 2 CPU cores, once (later runs reuse it; an interrupted "
+                  "training resumes)", flush=True)
         train(run_dir, demo_config(kind), quiet=quiet)
     return run_dir

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from lcsc_ray.atomic import atomic_write_json
 from lcsc_ray.data import load_images
@@ -27,6 +26,7 @@ from lcsc_ray.images import write_sample_grid
 from lcsc_ray.models import build_model
 from lcsc_ray.precond import SigmaConfig
 from lcsc_ray.profiles import EMA_WARMUP, ema_decay_at
+from lcsc_ray.progress import progress
 from lcsc_ray.run_folder import DONE_JSON, RUN_JSON, load_run, validate_config
 from lcsc_ray.training.checkpointing import load_weights, resume, save_checkpoint
 from lcsc_ray.training.ct import CT_DEFAULTS, ct_loss
@@ -137,7 +137,8 @@ def _train(run_dir: Path, config: dict, quiet: bool, device: torch.device) -> di
         return json.loads((run_dir / DONE_JSON).read_text(encoding="utf-8"))  # already complete: keep its record
 
     began, losses = time.perf_counter(), []
-    bar = tqdm(range(start, total), initial=start, total=total, disable=quiet, desc=f"{run.kind} training", unit="step")
+    bar = progress(range(start, total), initial=start, total=total, disable=quiet, desc=f"{run.kind} training",
+                   unit="step")
     for step in bar:
         # dropout masks come from torch's global generator: seeded from the step, so a resumed run draws the same
         torch.manual_seed(settings["seed"] * 2**32 + step)
@@ -154,7 +155,8 @@ def _train(run_dir: Path, config: dict, quiet: bool, device: torch.device) -> di
         losses.append(loss.item())
         if (step + 1) % settings["save_every"] == 0:
             save_checkpoint(run_dir, step + 1, net, ema, optimizer, generator)
-            bar.set_postfix(loss=f"{sum(losses[-settings['save_every']:]) / len(losses[-settings['save_every']:]):.4f}")
+            bar.set_postfix(loss=f"{sum(losses[-settings['save_every']:]) / len(losses[-settings['save_every']:]):.4f}",
+                            refresh=False)  # shown with the next refresh: a log gets no line per checkpoint
 
     stats = {
         "steps": total,
