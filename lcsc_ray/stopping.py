@@ -38,6 +38,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 GRACE_S = 8.0  # how long Tune may take to save its state after a stop signal before the watchdog ends the driver
 SAVED_GRACE_S = 3.0  # how long the driver may take to wind down once Tune has saved (Ray may be gone by then)
 KILL_WAIT_S = 3.0  # how long to wait for killed processes to be gone
+HANDLER_WAIT_S = 2.0  # how long the main thread has to run the Python handler (it cannot inside Ray's C++ calls)
 
 
 @dataclass
@@ -52,7 +53,7 @@ class _State:
     deferring: bool = False
     received: int | None = None  # the first stop signal
     exiting: bool = False
-    stopping: threading.Event | None = None  # set by a graceful stop; the watchdog thread waits on it
+    signals: int | None = None  # the write end of the pipe the watchdog thread reads stop signals from
     saved: threading.Event = field(default_factory=threading.Event)  # Tune saved its state after the stop
 
 
@@ -75,16 +76,21 @@ def handling(command: Callable[[], str] | None = None) -> Iterator[None]:
     only). The previous handlers come back afterwards, so a command run in-process (tests) leaves none."""
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     _state.owner, _state.command, _state.phase, _state.received = True, command, "start-up", None
-    if _state.stopping is None:
+    if _state.signals is None:
         # Started here, not in the handler: starting a thread takes locks the interrupted code may hold.
-        _state.stopping = threading.Event()
-        threading.Thread(target=_watchdog, args=(_state.stopping,), daemon=True, name="lcsc-stop-watchdog").start()
+        read, _state.signals = os.pipe()
+        os.set_blocking(_state.signals, False)
+        threading.Thread(target=_watchdog, args=(read,), daemon=True, name="lcsc-stop-watchdog").start()
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_signal)
+    # Python's C-level handler writes each signal's number here at once, also while the main thread is
+    # inside C code that never returns to the interpreter (a Ray call waiting for a GCS that died).
+    previous_fd = signal.set_wakeup_fd(_state.signals, warn_on_full_buffer=False)
     try:
         yield
     finally:
         _state.owner, _state.command = False, None
+        signal.set_wakeup_fd(previous_fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -179,6 +185,9 @@ def _on_signal(signum: int, frame: Any) -> None:
             os._exit(status(_state.received))
         exit_stopped(_state.received, note="second stop signal: exiting now")
     _state.received = signum
+    if _state.signals is not None:  # for the watchdog, in case something replaced the wakeup fd
+        with contextlib.suppress(OSError):
+            os.write(_state.signals, bytes([signum]))
     if _state.deferring:
         return
     if _state.graceful is not None:
@@ -187,8 +196,6 @@ def _on_signal(signum: int, frame: Any) -> None:
             _state.graceful()
         except Exception:  # noqa: BLE001 - nothing to stop gracefully (yet): exit as in any other phase
             exit_stopped(signum)
-        if _state.stopping is not None:
-            _state.stopping.set()
         return
     exit_stopped(signum)
 
@@ -199,20 +206,35 @@ def state_saved() -> None:
     _state.saved.set()
 
 
-def _watchdog(stopping: threading.Event) -> None:
-    """End the driver if a graceful stop has not ended it `GRACE_S` after the signal, or `SAVED_GRACE_S` after
-    Tune saved the state."""
-    stopping.wait()
-    time.sleep(SAVED_GRACE_S if _state.saved.wait(GRACE_S) else 0.0)
-    if not _state.exiting:
-        exit_stopped(_state.received)
+def _watchdog(signals: int) -> None:
+    """Make sure a stopped command ends: when the main thread has not run the Python handler within
+    `HANDLER_WAIT_S` of the signal (it is stuck in C code), end the process from here; else give a graceful
+    stop `GRACE_S` from the signal, or `SAVED_GRACE_S` from Tune's save, whichever comes first."""
+    signum = _next_stop_signal(signals)
+    started = time.monotonic()
+    while _state.received is None and time.monotonic() - started < HANDLER_WAIT_S:
+        time.sleep(0.05)
+    if _state.received is None:
+        exit_stopped(signum)
+    if _state.saved.wait(max(0.0, GRACE_S - (time.monotonic() - started))):
+        time.sleep(SAVED_GRACE_S)
+    exit_stopped(_state.received)
+
+
+def _next_stop_signal(signals: int) -> int:
+    """Block until a stop signal arrives while a command runs (`handling`); its number."""
+    while True:
+        for signum in os.read(signals, 64):
+            if signum in STOP_SIGNALS and _state.owner:
+                return signum
 
 
 def exit_stopped(signum: int | None, line: str | None = None, *, note: str | None = None) -> NoReturn:
     """End this process after a stop: flush, kill what it started, print `line` (default: `stop_line`) last
     and exit with `status(signum)` without running exit handlers (they talk to the Ray we just stopped)."""
     if _state.exiting and threading.current_thread() is not threading.main_thread():
-        time.sleep(KILL_WAIT_S * 2)  # the main thread is exiting; let it finish
+        time.sleep(KILL_WAIT_S * 2)  # the main thread is exiting; let it finish, or exit if it got stuck
+        os._exit(status(signum))
     _state.exiting = True
     for stream in (sys.stdout, sys.stderr):
         _flush(stream)
@@ -241,7 +263,15 @@ def kill_descendants(wait_s: float = KILL_WAIT_S) -> list[int]:
         with contextlib.suppress(psutil.Error):
             process.kill()
     deadline = time.monotonic() + wait_s
+    n = 0
     while any(_alive(p) for p in frozen.values()) and time.monotonic() < deadline:
+        n += 1
+        if n % 10 == 0:
+            for p in frozen.values():
+                try:
+                    _write(f"DEBUG {p.pid} ppid {p.ppid()} {p.status()} {p.name()} alive={_alive(p)}")
+                except Exception as e:
+                    _write(f"DEBUG {p.pid} {e!r}")
         time.sleep(0.05)
     return list(frozen)
 

@@ -163,3 +163,20 @@ def test_a_checkpoint_truncated_mid_search_stops_it_in_one_line_and_resume_finis
     results = json.loads((exp_dir / "final" / "results.json").read_text())
     assert results["search"]["trials_completed"] == 12
     assert _evaluated(exp_dir)[0] == 12  # the final stage ran alone: no trial evaluated again
+
+
+def test_resume_with_a_larger_budget_evaluates_only_the_new_candidates(tiny_cm_run, tmp_path):
+    storage = tmp_path / "storage"
+    exp_dir = storage / "grow"
+    args = ["--ckpt-dir", str(tiny_cm_run), "--max-concurrent", "1", "--storage", str(storage), "--name", "grow",
+            *QUICK]
+    assert run_driver([*args, "--num-trials", "12"], tmp_path / "first.log") == 0
+    before = _records(exp_dir)
+    log = tmp_path / "grow.log"
+    assert run_driver([*args, "--num-trials", "16", "--resume"], log) == 0, log.read_text()[-3000:]
+    assert "growing the budget of grow from 12 to 16 trials" in log.read_text()
+    after = _records(exp_dir)
+    assert len(after) == 16 and all(after[name] == mtime for name, mtime in before.items())
+    assert _evaluated(exp_dir) == (4, 12)
+    results = json.loads((exp_dir / "final" / "results.json").read_text())
+    assert results["search"]["trials_completed"] == 16

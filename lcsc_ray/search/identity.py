@@ -168,7 +168,7 @@ SHOWN: dict[str, Callable[[SearchInputs], Any]] = {
 _FINAL = "the final stage re-scores every finalist and baseline alike after the search"
 _RESOURCES = "where and how fast trials run, not what they compute"
 MAY_CHANGE: dict[str, str] = {
-    "--num-trials": "the search continues to the budget it started with (a different value prints a note)",
+    "--num-trials": "a larger value grows the budget (the search is rebuilt from its candidate store); a smaller one is ignored with a note",
     "--preset": "its values are the defaults of the other flags, which are compared themselves",
     "--storage": "where the experiment is found",
     "--name": "which experiment to resume",

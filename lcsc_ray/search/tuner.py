@@ -52,6 +52,7 @@ from search_spaces.spaces import CoefficientSpace
 
 MANIFEST = "lcsc_search.json"
 REBUILD_KEY = "_rebuild"  # set on a manifest whose Ray state is damaged: the search is rebuilt from its store
+SET_ASIDE = re.compile(r"^(damaged|budget)-\d{8}-\d{6}$")  # Ray files of an earlier run of a rebuilt experiment
 EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 TIME_ATTR = "num_samples"  # what ASHA's rungs count: samples a trial has scored so far
@@ -134,13 +135,13 @@ def ray_state_damage(exp_dir: Path) -> str | None:
     return None
 
 
-def set_aside_ray_state(exp_dir: Path) -> Path:
-    """Move Ray's files of a damaged experiment into `damaged-<time>/` inside it, keeping the manifest and the
-    candidate store in place, so a fresh Tune run can start in the same folder."""
-    aside = exp_dir / f"damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+def set_aside_ray_state(exp_dir: Path, why: str) -> Path:
+    """Move Ray's files of an experiment into `<why>-<time>/` inside it (`damaged`, `budget`), keeping the
+    manifest and the candidate store in place, so a fresh Tune run can start in the same folder."""
+    aside = exp_dir / f"{why}-{time.strftime('%Y%m%d-%H%M%S')}"
     aside.mkdir()
     for entry in exp_dir.iterdir():
-        if entry.name not in (MANIFEST, CANDIDATES_DIR) and not entry.name.startswith("damaged-"):
+        if entry.name not in (MANIFEST, CANDIDATES_DIR) and not SET_ASIDE.match(entry.name):
             shutil.move(str(entry), str(aside / entry.name))
     return aside
 
@@ -217,22 +218,26 @@ def run_search(
     settings = {**(identity or {}), **search_settings(
         space, optimizer=optimizer, seed=seed, scheduler=scheduler, rounds=rounds, objective=objective,
         candidates_per_trial=candidates_per_trial)}
-    rebuild = manifest is not None and REBUILD_KEY in manifest
+    grow = manifest is not None and num_trials > int(manifest["num_trials"])
+    rebuild = manifest is not None and (REBUILD_KEY in manifest or grow)
     if manifest is not None:
         check_identity(name, manifest, settings)
-        if manifest["num_trials"] != num_trials:
+        if num_trials < manifest["num_trials"]:
             print(f"note: resuming {name} to its original budget of {manifest['num_trials']} trials")
     if manifest is not None and not rebuild:
         budget = tune_trials(manifest["num_trials"], candidates_per_trial)
         grid, monitor = _fit(_restore(exp_dir, wrapped), name, budget, metric, penalty, progress, exp_dir)
     else:
         if rebuild:
-            num_trials = int(manifest["num_trials"])
             recorded = len(list((exp_dir / CANDIDATES_DIR).glob(f"*{RECORD_SUFFIX}")))
-            aside = set_aside_ray_state(exp_dir)
-            print(f"note: Ray cannot restore {name} ({manifest[REBUILD_KEY]}; its files are kept in {aside}): "
-                  f"rebuilding the search from its candidate store, where {recorded} finished evaluation(s) are "
-                  "replayed, not run again")
+            if REBUILD_KEY in manifest:
+                num_trials = max(num_trials, int(manifest["num_trials"]))
+                why = f"Ray cannot restore {name} ({manifest[REBUILD_KEY]}"
+            else:
+                why = f"growing the budget of {name} from {manifest['num_trials']} to {num_trials} trials ("
+            aside = set_aside_ray_state(exp_dir, "damaged" if REBUILD_KEY in manifest else "budget")
+            print(f"note: {why}; Ray's files are kept in {aside}): rebuilding the search from its candidate store, "
+                  f"where {recorded} finished evaluation(s) are replayed, not run again")
         if num_trials < 1:
             raise LcscError(f"--num-trials must be at least 1, got {num_trials}")
         warm = list((warm_start or {}).items())
