@@ -16,6 +16,8 @@ import urllib.request
 
 import ray
 
+from lcsc_ray import stopping
+
 LOOPBACK_HOSTS = {"localhost"}
 
 
@@ -59,13 +61,14 @@ def start_ray(
                 "token) can submit jobs to this machine",
                 file=sys.stderr,
             )
-        context = ray.init(
-            include_dashboard=dashboard,
-            dashboard_host=dashboard_host,
-            dashboard_port=dashboard_port if dashboard else None,
-            runtime_env=runtime_env,
-            log_to_driver=not quiet,
-        )
+        with stopping.shielded_children():  # only the driver hears a stop signal; it then stops the cluster
+            context = ray.init(
+                include_dashboard=dashboard,
+                dashboard_host=dashboard_host,
+                dashboard_port=dashboard_port if dashboard else None,
+                runtime_env=runtime_env,
+                log_to_driver=not quiet,
+            )
     url = context.dashboard_url or None
     if url and not url.startswith("http"):
         url = f"http://{url}"

@@ -35,10 +35,15 @@ class SearchInterrupted(LcscError):
 
 
 def exit_with(error: LcscError) -> NoReturn:
-    """Print `error` as one line on stderr and exit with status 2 (130 or 143 for a stopped search). An input
-    problem raised inside a Ray task arrives wrapped (Ray's RayTaskError subclasses it, and its text is the
-    task's traceback in terminal colours): the line is the original error's and names the file that keeps
-    the task's trace."""
+    """Print `error` as one line on stderr and exit with status 2 (130 or 143 for a stopped search)."""
+    raise SystemExit(report(error))
+
+
+def report(error: LcscError) -> int:
+    """Print `error` as one line on stderr; the exit status it calls for. An input problem raised inside a Ray
+    task arrives wrapped (Ray's RayTaskError subclasses it, and its text is the task's traceback in terminal
+    colours): the line is the original error's and names the file that keeps the task's trace. A stopped
+    search inside a command ends the process here (lcsc_ray/stopping.py)."""
     cause = getattr(error, "cause", None)
     trace = None
     if isinstance(cause, LcscError):
@@ -49,9 +54,9 @@ def exit_with(error: LcscError) -> NoReturn:
         if stopping.owns_process():  # also stops the local Ray cluster this driver started
             stopping.exit_stopped(stopping.received(), f"stopped: {message}")
         print(f"stopped: {message}", file=sys.stderr, flush=True)
-        raise SystemExit(stopping.status(stopping.received()))
+        return stopping.status(stopping.received())
     print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(INPUT_ERROR_STATUS)
+    return INPUT_ERROR_STATUS
 
 
 def keep_traces_in(folder: Path) -> None:
@@ -80,10 +85,19 @@ def run_cli(main: Callable[[], object]) -> None:
     the exact command that continues it)."""
     same = shlex.join([*stopping.entry_point(), *sys.argv[1:]])
     with stopping.handling(lambda: same):
-        try:
-            main()
-        except LcscError as error:
-            exit_with(error)
-        except KeyboardInterrupt:  # a signal the handlers could not take (`main` ran outside the main thread)
-            print(f"\n{stopping.stop_line(signal.SIGINT)}", file=sys.stderr, flush=True)
-            raise SystemExit(stopping.status(signal.SIGINT)) from None
+        status = _status_of(main)
+    stopping.end(status)  # a command that started a local Ray cluster ends here, with the cluster
+    if status:
+        raise SystemExit(status)
+
+
+def _status_of(main: Callable[[], object]) -> int:
+    """Run `main`; its exit status, the line of an input error or a stop printed."""
+    try:
+        main()
+    except LcscError as error:
+        return report(error)
+    except KeyboardInterrupt:  # a signal the handlers could not take (`main` ran outside the main thread)
+        print(f"\n{stopping.stop_line(signal.SIGINT)}", file=sys.stderr, flush=True)
+        return stopping.status(signal.SIGINT)
+    return 0

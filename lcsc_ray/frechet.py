@@ -92,8 +92,9 @@ def _eigvalsh_lower(a: np.ndarray) -> np.ndarray:
     float64 `a`, which is overwritten: `dsytrd` (blocked Householder reduction to tridiagonal form) then `dsterf`
     (root-free QL/QR on the tridiagonal, O(n²)), the same two steps as LAPACK's eigenvalues-only drivers.
 
-    Called directly rather than through `np.linalg.eigvalsh`, whose `dsyevd` gets only the minimal workspace
-    for eigenvalues and then runs the reduction unblocked (BLAS 2): about 1.6x slower at d = 2048 here.
+    Called directly, with `dsytrd`'s optimal workspace: at d = 2048 on one thread this took 0.79 s against 0.99 s
+    for `np.linalg.eigvalsh` and 1.6 s for scipy's `dsyevd` with its default (minimal) workspace, with which
+    the reduction runs unblocked.
     """
     _, diagonal, off_diagonal, _, info = lapack.dsytrd(a, lower=1, lwork=_tridiagonal_workspace(a.shape[0]),
                                                        overwrite_a=1)

@@ -54,6 +54,7 @@ class _State:
     received: int | None = None  # the first stop signal
     exiting: bool = False
     signals: int | None = None  # the write end of the pipe the watchdog thread reads stop signals from
+    cluster: bool = False  # a local Ray cluster was started under `shielded_children`
     saved: threading.Event = field(default_factory=threading.Event)  # Tune saved its state after the stop
 
 
@@ -76,6 +77,7 @@ def handling(command: Callable[[], str] | None = None) -> Iterator[None]:
     only). The previous handlers come back afterwards, so a command run in-process (tests) leaves none."""
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     _state.owner, _state.command, _state.phase, _state.received = True, command, "start-up", None
+    _state.cluster = False
     if _state.signals is None:
         # Started here, not in the handler: starting a thread takes locks the interrupted code may hold.
         read, _state.signals = os.pipe()
@@ -113,6 +115,38 @@ def python_command() -> str:
     another `python` would lack the packages."""
     found = shutil.which("python")
     return "python" if found and os.path.abspath(found) == os.path.abspath(sys.executable) else sys.executable
+
+
+@contextlib.contextmanager
+def shielded_children() -> Iterator[None]:
+    """Processes started in the block (a local Ray cluster: GCS, raylet and through it agents and workers)
+    inherit SIGTERM blocked, as Ray blocks SIGINT in them itself: a SIGTERM to the process group or the whole
+    cgroup (`timeout`, systemd, Slurm) then reaches only the driver, which stops the search and then the
+    cluster, instead of the cluster dying first under a driver that waits a minute for it (or that Ray's core
+    worker ends with status 1). Only the main thread blocks it, so the driver still hears the signal; a
+    command run this way must end through `end`, since Ray's own shutdown waits for a SIGTERM they ignore."""
+    if not _state.owner:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    _state.cluster = True
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def end(status: int) -> None:
+    """After a command's `main`: when it started a local Ray cluster (`shielded_children`), kill the cluster
+    and end the process with `status` at once (output flushed, no exit handlers, which would talk to the
+    killed cluster); else return."""
+    if not _state.cluster:
+        return
+    _state.exiting = True
+    for stream in (sys.stdout, sys.stderr):
+        _flush(stream)
+    kill_descendants(wait_s=0.0)
+    os._exit(status)
 
 
 def owns_process() -> bool:
@@ -238,7 +272,8 @@ def exit_stopped(signum: int | None, line: str | None = None, *, note: str | Non
     _state.exiting = True
     for stream in (sys.stdout, sys.stderr):
         _flush(stream)
-    kill_descendants()
+    kill_descendants(wait_s=0.0)  # SIGKILL takes effect at once; waiting would give Ray's core worker time to
+    # notice its dead raylet and end this process with status 1 before the line below
     if note:
         _write(note)
     _write(line if line is not None else stop_line(signum))
@@ -263,15 +298,7 @@ def kill_descendants(wait_s: float = KILL_WAIT_S) -> list[int]:
         with contextlib.suppress(psutil.Error):
             process.kill()
     deadline = time.monotonic() + wait_s
-    n = 0
     while any(_alive(p) for p in frozen.values()) and time.monotonic() < deadline:
-        n += 1
-        if n % 10 == 0:
-            for p in frozen.values():
-                try:
-                    _write(f"DEBUG {p.pid} ppid {p.ppid()} {p.status()} {p.name()} alive={_alive(p)}")
-                except Exception as e:
-                    _write(f"DEBUG {p.pid} {e!r}")
         time.sleep(0.05)
     return list(frozen)
 

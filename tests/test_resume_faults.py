@@ -1,7 +1,7 @@
 """Stopping, resuming and faults of the real job: `launch/tune_cm.py` drivers on the tiny CM run, real local Ray.
 
 - Ctrl+C (SIGINT to the driver's process group, as a terminal sends it) and SIGTERM stop the search with
-  exit status 130 and the exact resume command, never a table or an export; the printed command resumes,
+  exit status 130 (143 after SIGTERM) and the exact resume command, never a table or an export; the printed command resumes,
   and after a second stop finishes the budget. A second signal exits at once and the state stays resumable.
 - kill -9 of the driver at five random points: the resumed search evaluates nothing that had finished (completed
   evaluations are replayed from the candidate store), the optimizer is told exactly the budget, and the
@@ -24,6 +24,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -32,7 +33,7 @@ import torch
 from ray import tune
 from safetensors.torch import load_file, save_file
 
-from cli_runs import (FAST, driver_env, kill_session, last_line, run_driver, session_pids, start_driver,
+from cli_runs import (FAST, TUNE_CM, driver_env, kill_session, last_line, run_driver, session_pids, start_driver,
                       trial_failures, wait_for)
 from lcsc_ray.search.searcher import load_searcher
 
@@ -78,16 +79,17 @@ def _stop(driver: subprocess.Popen, exp_dir: Path, records: int, send: Callable[
         kill_session(driver.pid)
 
 
-def _assert_stopped(log: Path, exp_dir: Path, code: int, name: str, num_trials: int) -> list[str]:
-    """A stopped search: exit 130, the stop line last, no table, no export, no traceback; returns the printed
-    resume command's flags."""
+def _assert_stopped(log: Path, exp_dir: Path, code: int, name: str, num_trials: int,
+                    sig: int = signal.SIGINT) -> list[str]:
+    """A stopped search: exit 128 + the signal, the stop line last, no table, no export, no traceback; returns
+    the printed resume command's flags."""
     text, line = log.read_text(), last_line(log)
-    assert code == 130, text[-3000:]
+    assert code == 128 + sig, text[-3000:]
     assert line.startswith(f"stopped: search {name} stopped with ") and f"of {num_trials} trials completed" in line
     assert not (exp_dir / "final").exists(), "an interrupted search must not export or write results"
     assert "LCSC winner" not in text and "Traceback" not in text
     command = shlex.split(line.split("continue it with: ", 1)[1])
-    assert command[:2] == ["python", "launch/tune_cm.py"] and "--resume" in command
+    assert command[0] in ("python", sys.executable) and command[1] == str(TUNE_CM) and "--resume" in command
     return command[2:]
 
 
@@ -106,7 +108,7 @@ def test_ctrl_c_then_sigterm_stop_without_a_result_and_the_printed_command_resum
     log = tmp_path / "resumed.log"
     more = _records(exp_dir) + 6
     code = _stop(start_driver(resume, log), exp_dir, more, lambda pid: os.kill(pid, signal.SIGTERM))
-    resume = _assert_stopped(log, exp_dir, code, name, num_trials)
+    resume = _assert_stopped(log, exp_dir, code, name, num_trials, signal.SIGTERM)
 
     code = run_driver(resume, tmp_path / "resume.log")
     assert code == 0, (tmp_path / "resume.log").read_text()[-3000:]
@@ -126,18 +128,18 @@ def test_a_second_stop_signal_exits_at_once_and_the_state_stays_resumable(tiny_c
         wait_for(lambda: _records(exp_dir) >= 6, 180, "6 evaluated candidates", driver, poll=0.05)
         for count, sig in enumerate([signal.SIGTERM, signal.SIGINT], 1):
             os.kill(driver.pid, sig)
-            # Tune logs this line once it has handled a stop signal: only then is the next one a second.
-            wait_for(lambda: log.read_text().count("Stop signal received") >= count or driver.poll() is not None,
+            # The driver prints this line once it has handled a stop signal: only then is the next one a second.
+            wait_for(lambda: log.read_text().count("stopping (") >= count or driver.poll() is not None,
                      60, "Tune to handle the stop signal")
         code = driver.wait(timeout=120)
     finally:
         kill_session(driver.pid)
     text = log.read_text()
-    assert code == 130, text[-3000:]
+    assert code == 128 + signal.SIGTERM, text[-3000:]  # the first signal's status
     assert not (exp_dir / "final").exists()
     assert "Traceback" not in text, "a stop signal must never end in a traceback, not even during shutdown"
-    # the second signal lands while Tune saves, or while the stopped driver shuts down
-    assert last_line(log).startswith("second stop signal: exiting now"), text[-3000:]
+    # the second signal lands while Tune saves, or while the stopped driver shuts down; the command comes last
+    assert "second stop signal: exiting now" in text and "continue it with: " in last_line(log), text[-3000:]
     assert tune.Tuner.can_restore(str(exp_dir)) and list(exp_dir.glob("experiment_state-*.json"))
 
 
@@ -268,6 +270,10 @@ def test_nan_checkpoint_found_by_the_workers_stops_with_one_line_and_resume_fini
     assert code == 2, log.read_text()[-3000:]
     assert message.startswith(f"error: {victim}: tensor {tensor!r} holds NaN or Inf (the run diverged at step 30)")
     assert "--exclude-steps 30" in message and "--resume" in message
+    # The new selection is offered as a new search (a resume keeps the old one), never with --resume.
+    new_search = shlex.split(message.split("in a new search: ", 1)[1].split("; or once", 1)[0])
+    assert "--resume" not in new_search and new_search[new_search.index("--exclude-steps") + 1] == "30"
+    assert new_search[new_search.index("--name") + 1] == f"{name}-without-30"
     assert "Traceback" not in log.read_text(), "worker tracebacks stay in the experiment's logs"
     assert not (storage / name / "final").exists()
     assert sum(trial_failures(storage / name).values()) == 0, "an input error is not retried as a lost worker"

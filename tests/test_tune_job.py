@@ -4,6 +4,9 @@ the real digits feature extractor and Fréchet distance, Nevergrad on Ray Tune."
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +48,16 @@ def _job(run_dir: Path, storage: Path, name: str, *extra: str, kind: str = "cm")
     return run_job(argv, kind=kind)
 
 
-def test_search_runs_the_budget_tells_baselines_and_exports_a_loadable_winner(local_ray, tiny_cm_run, tmp_path):
+def test_search_runs_the_budget_tells_baselines_and_exports_a_loadable_winner(local_ray, tiny_cm_run, tmp_path,
+                                                                             capsys):
     results = _job(tiny_cm_run, tmp_path, "cm-es")
     out = tmp_path / "cm-es" / "final"
+    console = capsys.readouterr().out
+    final_block = console.split("held-out scoring took", 1)[1].splitlines()[1:]
+    assert final_block[0].startswith("LCSC winner on held-out fd_digits (searched)")  # the verdict comes first
+    too_wide = [line for line in final_block if len(line) > 120 and not line.startswith("results: ")]
+    assert not too_wide, too_wide
+    check_report_page(out, on_disk_title="LCSC search")
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["search"]["trials_completed"] == 14 and results["search"]["trials_completed"] == 14
     assert on_disk["metric"] == "fd_digits"
@@ -164,3 +174,23 @@ def test_batched_trials_tell_every_candidate_with_its_own_score(local_ray, explo
     with pytest.raises(LcscError, match="--candidates-per-trial 4, not --candidates-per-trial 2"):
         run_search(trainable, space, optimizer="CMA", num_trials=14, seed=0, storage=tmp_path, name="batched",
                    resume=True, progress=False, candidates_per_trial=2)
+
+
+def check_report_page(out: Path, on_disk_title: str) -> None:
+    """report.html is one self-contained page (every image inline) with the verdict, the table and the four
+    titled sample grids, and a real headless Chromium renders it offline (a screenshot is taken)."""
+    page = (out / "report.html").read_text()
+    assert on_disk_title in page and "LCSC winner on held-out" in page and "<pre>" in page
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert len(sources) == 6 and all(src.startswith("data:image/png;base64,") for src in sources)
+    for title in ("LCSC winner", "newest checkpoint", "best baseline", "control (rescaled)"):
+        assert f"<figcaption>{title}</figcaption>" in page
+    assert (out / "results.md").read_text().startswith("# LCSC search results")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium here (Debian's `chromium` package): the page was checked as text only")
+    shot = out.parent / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,2400",
+                    f"--screenshot={shot}", (out / "report.html").as_uri()], capture_output=True, timeout=120,
+                   check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000

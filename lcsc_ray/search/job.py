@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import textwrap
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,9 @@ from lcsc_ray.search.identity import SearchInputs, check_identity, identity_reco
 from lcsc_ray.search.ray_compat import in_ray_job
 from lcsc_ray.search.monitor import PROGRESS_PLOT, PROGRESS_PLOT_EVERY_S
 from lcsc_ray.search.objective import SearchObjective
-from lcsc_ray.search.report import (SIGNIFICANCE_SE, ScoredCandidate, compare, format_table, plot_best_so_far,
-                                    plot_coefficients, write_results)
+from lcsc_ray.search.report import (SIGNIFICANCE_SE, ScoredCandidate, compare, format_compact_table, format_table,
+                                    plot_best_so_far, plot_coefficients, write_results, write_results_md)
+from lcsc_ray.search.report_html import write_report_html
 from lcsc_ray.search.trial import PENALTY_SCORE, LcscTrial
 from lcsc_ray.search.tuner import MANIFEST, ResultTable, TrialRecord, check_experiment, run_search
 from lcsc_ray.training.demo import ensure_demo_run
@@ -255,7 +257,8 @@ def finish(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace
     seeds = heldout_seeds(args)
     stopping.set_phase("held-out scoring" + AFTER_SEARCH)
     metric_name = rescore_heldout(candidates, spec, payload, args, plan, seeds)
-    winner, best, deciding = print_verdict(candidates, metric_name, args)
+    verdict = print_verdict(candidates, metric_name, args)
+    winner, best, deciding = verdict.winner, verdict.best, verdict.deciding
     # Everything of the final folder is written into a staging folder and moved in at once at the end, so
     # a stop in any phase leaves results.json, the export and its sidecar together or none of them.
     staging = staging_folder(output)
@@ -273,12 +276,20 @@ def finish(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace
                                                        if c.kind != "lcsc" and c.search_score is not None})
     plot_coefficients(staging / "coefficients_vs_step.png", steps,
                       {"LCSC winner": winner.alpha, **{n: a for n, a in baselines.items() if n.startswith(("ema", "phema"))}})
+    write_results_md(staging / "results.md", verdict.lines, verdict.table)
+    write_report_html(staging / "report.html", title=f"LCSC search {table.experiment_path}", verdict=verdict.lines,
+                      table=verdict.table, plots=[staging / "best_score_vs_trial.png",
+                                                  staging / "coefficients_vs_step.png"],
+                      grids=[(title, staging / f"samples_{name}.png") for name, title in
+                             (("lcsc_winner", "LCSC winner"), ("newest", "newest checkpoint"),
+                              ("best_baseline", "best baseline"), ("control", "control (rescaled)"))])
     stopping.set_phase("moving the results into place")
     commit_staged(staging, last="results.json")
     print(f"results: {output / 'results.json'}; exported checkpoint: {exported}; plots and sample grids in {output}")
     return results
 
 
+CONSOLE_COLUMNS = 120  # the final block's width: the verdict lines wrap, the compact table fits
 AFTER_SEARCH = " after the search (its trials are saved; the final stage starts over when it continues)"
 
 
@@ -425,10 +436,23 @@ def rescore_heldout(candidates: list[ScoredCandidate], spec: ScoringSpec, payloa
     return next(iter(candidates[0].heldout[0]))
 
 
+@dataclass
+class Verdict:
+    """What the final comparison decided, and its lines and full table for the files that keep them."""
+
+    winner: ScoredCandidate
+    best: ScoredCandidate
+    deciding: str
+    lines: list[str]
+    table: str
+
+
 def print_verdict(candidates: list[ScoredCandidate], metric_name: str,
-                  args: argparse.Namespace) -> tuple[ScoredCandidate, ScoredCandidate, str]:
-    """Print the table and, per metric, which baselines the LCSC winner beats, ties or loses to (paired over
-    the held-out seeds, |Δ| > 2 SE); returns (the winner, the candidate to use, the metric that chose it).
+                  args: argparse.Namespace) -> Verdict:
+    """Print, per metric, which baselines the LCSC winner beats, ties or loses to (paired over the held-out
+    seeds, |Δ| > 2 SE), then a table that fits 120 columns (the searched metric and the first one the search
+    never saw); returns the winner, the candidate to use, the metric that chose it, and the verdict lines and
+    full table for results.md and report.html.
 
     The winner is the finalist with the best mean searched metric (or, with `--select-on independent`, the
     first independent distance). The candidate to use (exported) is the
@@ -443,13 +467,14 @@ def print_verdict(candidates: list[ScoredCandidate], metric_name: str,
     selection = distances[1] if args.select_on == "independent" and len(distances) > 1 else metric_name
     winner = min(lcsc, key=lambda c: c.mean(selection))
     winner.name = f"LCSC winner (trial {winner.trial})"
+    lines = []
     if selection != metric_name:
-        print(f"winner picked among the finalists on held-out {selection} (--select-on independent)")
+        lines.append(f"winner picked among the finalists on held-out {selection} (--select-on independent)")
     rows = baselines + controls + [winner] + [c for c in lcsc if c is not winner]
-    print(format_table(rows, winner, metric_name, other_metrics=metrics[1:], search_samples=args.fid_samples,
-                       final_samples=args.final_samples, seeds=len(winner.heldout)))
+    table = format_table(rows, winner, metric_name, other_metrics=metrics[1:], search_samples=args.fid_samples,
+                         final_samples=args.final_samples, seeds=len(winner.heldout))
     if len(winner.heldout) == 1:
-        print("one held-out seed: no error bars, so every comparison is reported as a tie; pass --heldout-seeds 3 "
+        lines.append("one held-out seed: no error bars, so every comparison is reported as a tie; pass --heldout-seeds 3 "
               "or more to tell differences from noise")
     for metric in distances:
         verdicts = {c.name: compare(c, winner, metric).verdict for c in baselines + controls}
@@ -458,46 +483,50 @@ def print_verdict(candidates: list[ScoredCandidate], metric_name: str,
         unbeaten = [name for name, verdict in verdicts.items() if verdict != "beats"]
         role = ("searched" if metric == metric_name else
                 "never searched; picked the winner" if metric == selection else "never searched")
-        print(f"LCSC winner on held-out {metric} ({role}): {summary} of {len(verdicts)} baselines and controls"
-              + (f" (not beaten: {', '.join(unbeaten)})" if unbeaten else ""))
+        lines.append(f"LCSC winner on held-out {metric} ({role}): {summary} of {len(verdicts)} baselines and "
+                     "controls" + (f" (not beaten: {', '.join(unbeaten)})" if unbeaten else ""))
     if selection != metric_name and len(distances) < 3:
-        print(f"note: {selection} picked the winner, so every distance in this table took part in the search or the "
+        lines.append(f"note: {selection} picked the winner, so every distance in this table took part in the search or the "
               f"selection; add another --eval-extractors entry (e.g. pixels) for one that neither touched")
     best_baseline = min(baselines, key=lambda c: c.mean(metric_name))
     for metric in distances[1:]:
         if compare(best_baseline, winner, metric_name).verdict == "beats" and \
                 compare(best_baseline, winner, metric).verdict != "beats":
-            print(f"caution: the LCSC winner beats the best baseline ({best_baseline.name}) on the searched "
+            lines.append(f"caution: the LCSC winner beats the best baseline ({best_baseline.name}) on the searched "
                   f"{metric_name} but not on {metric}, which the search never saw: the gain may fit the search's "
                   "feature network rather than the data")
     deciding = distances[1] if len(distances) > 1 else metric_name
     best = min(baselines + [winner], key=lambda c: c.mean(deciding))
     if best is winner:
-        print(f"use: the LCSC winner (lowest held-out {deciding} of the winner and the baselines; exported)")
+        lines.append(f"use: the LCSC winner (lowest held-out {deciding} of the winner and the baselines; exported)")
     else:
-        print(f"use: {best.name}, not the LCSC winner: it has the lowest held-out {deciding} (exported; the winner "
+        lines.append(f"use: {best.name}, not the LCSC winner: it has the lowest held-out {deciding} (exported; the winner "
               f"{compare(best, winner, deciding).verdict} it, paired over {len(winner.heldout)} seeds)")
     for control in controls:
         if compare(control, winner, deciding).verdict != "beats":
-            print(f"note: {control.name} is not beaten on {deciding}: much of the gain is an output-scale "
+            lines.append(f"note: {control.name} is not beaten on {deciding}: much of the gain is an output-scale "
                   f"correction (clamp({control.transform.a:.3f}·x {control.transform.b:+.3f}))")
-    return winner, best, deciding
+    print("\n".join(textwrap.fill(line, CONSOLE_COLUMNS, subsequent_indent="  ") for line in lines))
+    print(format_compact_table(rows, winner, metric_name, distances[1] if len(distances) > 1 else None))
+    return Verdict(winner, best, deciding, lines, table)
 
 
 def export_best(best: ScoredCandidate, winner: ScoredCandidate, candidates: list[ScoredCandidate],
                 baselines: dict[str, np.ndarray], spec: ScoringSpec, payload: Any, args: argparse.Namespace,
                 output: Path, metric_name: str, seed: int) -> str:
-    """Export `best` in the inputs' format, with sample grids of the winner, the newest checkpoint and the best
-    baseline on the first held-out noise seed beside it; returns the exported path."""
+    """Export `best` in the inputs' format, with titled sample grids (`GRID_FILES`) of the winner, the newest
+    checkpoint, the best baseline and the control on the first held-out noise seed beside it; returns the
+    exported path."""
     merged_name = "lcsc_merged" + spec.files[-1].path.suffix if spec.files[-1].path.is_file() else "lcsc_merged"
     best_baseline = min((c for c in candidates if c.kind == "baseline"), key=lambda c: c.mean(metric_name))
-    grids = {"lcsc_winner": winner.alpha, "newest": baselines["newest"],
-             f"best_baseline_{best_baseline.name}": best_baseline.source}
+    grids = {"lcsc_winner": (winner.alpha, None, winner.name), "newest": (baselines["newest"], None, "newest checkpoint"),
+             "best_baseline": (best_baseline.source, None, f"best baseline: {best_baseline.name}")}
+    grids.update({"control": (c.source, c.transform, c.name) for c in candidates if c.kind == "control"})
     metrics = {metric: best.mean(metric) for metric in best.heldout[0]}
     exported = ray.get(_export_candidate.options(name=f"lcsc export: {best.name}", num_cpus=args.cpus_per_trial)
                        .remote(spec, payload, best.source, str(output / merged_name), metrics, grids, seed))
-    print(f"export: {best.name} in {exported_dtype(exported)} (each tensor in the dtype most merged checkpoints "
-          "hold it in; float32 where none has a majority)")
+    print(f"export: {best.name} in {exported_dtype(exported)} (each tensor in its checkpoints' majority dtype, "
+          "else float32)")
     return exported
 
 
@@ -585,10 +614,10 @@ def _export_candidate(spec: ScoringSpec, payload: dict | None, source: Any, out_
         exported = export_merged(single, np.ones(1), out_path, metrics=metrics)
     else:
         exported = export_merged(scorer.stack, source, out_path, metrics=metrics)
-    for name, grid_source in grids.items():
+    for name, (grid_source, transform, title) in grids.items():
         scorer.load_candidate(grid_source)
         write_sample_grid(scorer.run, scorer.net, Path(out_path).parent / f"samples_{name}.png", seed=seed,
-                          sampler=scorer.sampler)
+                          sampler=scorer.sampler, title=title, transform=transform)
     return str(exported)
 
 

@@ -12,10 +12,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lcsc_ray.atomic import atomic_write_json
+from lcsc_ray.atomic import atomic_write, atomic_write_json
 from lcsc_ray.baseline_checkpoints import ExtraBaseline
 from lcsc_ray.heldout import OutputAffine
-from lcsc_ray.images import new_figure, save_figure
+from lcsc_ray.images import distinct_styles, new_figure, save_figure
 
 
 SIGNIFICANCE_SE = 2.0  # a paired difference is called a win or a loss only beyond this many standard errors
@@ -106,6 +106,33 @@ def format_table(rows: Sequence[ScoredCandidate], winner: ScoredCandidate, metri
     return "\n".join(lines)
 
 
+def format_compact_table(rows: Sequence[ScoredCandidate], winner: ScoredCandidate, metric_name: str,
+                         untouched: str | None) -> str:
+    """The console's table, at most 120 columns: per candidate the held-out searched metric and the first
+    metric the search never saw (mean over the seeds, Δ vs the winner ± SE); the full table is results.md's."""
+    metrics = [metric_name] + ([untouched] if untouched else [])
+    header = f"{'candidate':<40}" + "".join(f" {m[:18]:>18} {'Δ ± SE':>16}" for m in metrics)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        line = f"{row.name[:40]:<40}"
+        for metric in metrics:
+            if row is winner:
+                delta = "(winner)"
+            else:
+                comparison = compare(row, winner, metric)
+                se = "n/a" if not math.isfinite(comparison.se) else f"{comparison.se:.2f}"
+                delta = f"{comparison.diff:+.2f} ± {se}"
+            line += f" {row.mean(metric):>18.4f} {delta[:16]:>16}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def write_results_md(path: Path, verdict: Sequence[str], table: str) -> Path:
+    """`results.md`: the verdict lines, then the full table (every metric, every candidate)."""
+    text = "# LCSC search results\n\n" + "".join(f"- {line}\n" for line in verdict) + f"\n```\n{table}\n```\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def write_results(path: Path, payload: dict[str, Any]) -> Path:
     """Atomically write `results.json` (numpy values converted to plain JSON)."""
     return atomic_write_json(path, _jsonable(payload))
@@ -140,8 +167,8 @@ def plot_best_so_far(path: Path, scores: Sequence[float], *, metric_name: str, p
     ax = axes[0, 0]
     ax.scatter(trials[ok], scores_arr[ok], s=8, alpha=0.35, color="tab:gray", label="trial")
     ax.plot(trials, best, color="tab:red", lw=2, label="best so far")
-    for i, (name, value) in enumerate(baselines.items()):
-        ax.axhline(value, ls="--", lw=1, color=f"C{i % 10}", label=name)
+    for (name, value), style in zip(baselines.items(), distinct_styles(len(baselines))):
+        ax.axhline(value, lw=1, label=name, **style)
     finite = scores_arr[ok]
     if finite.size:
         low, high = np.percentile(finite, [0, 90])
@@ -157,8 +184,9 @@ def plot_coefficients(path: Path, steps: Sequence[int], profiles: dict[str, np.n
     """Coefficient αᵢ against the training step nᵢ of checkpoint i, one line per profile (winner first)."""
     fig, axes = new_figure(width=7)
     ax = axes[0, 0]
-    for i, (name, alpha) in enumerate(profiles.items()):
-        style = dict(lw=2, marker="o", ms=3) if i == 0 else dict(lw=1, ls="--")
+    styles = [dict(lw=2, marker="o", ms=3, color="tab:red")] + \
+        [dict(lw=1, **style) for style in distinct_styles(len(profiles) - 1)]
+    for (name, alpha), style in zip(profiles.items(), styles):
         ax.plot(steps, alpha, label=name, **style)
     ax.axhline(0.0, color="black", lw=0.5)
     ax.set_xlabel("training step of checkpoint")

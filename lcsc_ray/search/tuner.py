@@ -337,7 +337,7 @@ def _check_ending(monitor: SearchMonitor, name: str, budget: int, resume_hint: s
                             f"started with, so leave step {step} out in a new search: {new_search_hint(step)}; or "
                             f"once the file is repaired, continue this one with: {resume_hint})")
         raise LcscError(f"{monitor.input_error} (search stopped; fix this, then continue with: {resume_hint})")
-    if monitor.completed + monitor.errored < budget:
+    if monitor.completed + monitor.errored < budget or stopping.received() is not None:  # trials a stop failed
         raise SearchInterrupted(f"{_stopped_search(name, monitor.completed, budget)}; continue it with: {resume_hint}")
 
 
