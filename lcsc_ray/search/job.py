@@ -112,6 +112,16 @@ def reference_stats_path(args: argparse.Namespace, run: RunInfo) -> Path:
                                   inception_weights=args.inception_weights)
 
 
+def check_no_uris(args: argparse.Namespace) -> None:
+    """Cloud storage URIs are not supported yet: a path library would turn `s3://bucket/x` into a local folder
+    named `s3:` and run the whole search there, so any URI is refused before anything runs."""
+    for flag, value in (("--storage", args.storage), ("--ckpt-dir", args.ckpt_dir), ("--out", args.out),
+                        ("--ref-stats", args.ref_stats)):
+        if value and "://" in str(value):
+            raise LcscError(f"{flag} {value}: cloud storage URIs are not supported yet; give a path every node "
+                            "sees (a shared file system), and see docs/SCALING.md for clusters")
+
+
 def check_paths_in_ray_job(args: argparse.Namespace) -> None:
     """Inside `ray job submit` the working directory is Ray's temporary copy of the code, so a relative path
     would put results where nobody finds them (or read inputs from the copy): ask for absolute ones."""
@@ -146,6 +156,7 @@ def _resources(args: argparse.Namespace) -> dict[str, float]:
 def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
     """Run the whole LCSC job for a CM (`kind="cm"`) or DM run; returns what results.json holds."""
     args = parse_args(argv, kind)
+    check_no_uris(args)
     check_paths_in_ray_job(args)  # before any path is resolved against the job's temporary working directory
     stopping.set_phase("the run's checks", command=lambda: continue_command(argv, kind))
     objective = SearchObjective(noise_seed=args.noise_seed, fresh_noise_every=args.fresh_noise_every,
