@@ -268,11 +268,17 @@ def test_existing_name_without_resume_is_an_error(local_ray, tmp_path):
         _search(tmp_path, "absent", num_trials=3, resume=True)
 
 
-def test_resume_refuses_a_corrupt_experiment_state(local_ray, tmp_path):
+def test_resume_rebuilds_a_search_whose_ray_state_is_corrupt(local_ray, tmp_path, capsys):
+    """Ray would silently start afresh from a corrupt experiment state; the search is rebuilt in the same folder
+    from its candidate store instead (Ray's files set aside), and a missing manifest is still refused."""
     _search(tmp_path, "damaged", num_trials=3)
     for state in (tmp_path / "damaged").glob("experiment_state-*.json"):
         state.write_text("{truncated")
-    with pytest.raises(LcscError, match="corrupt"):
+    table = _search(tmp_path, "damaged", num_trials=3, resume=True)
+    assert "rebuilding the search from its candidate store" in capsys.readouterr().out
+    assert len(table.rows) == 3 and len(list((tmp_path / "damaged").glob("damaged-*/experiment_state-*.json"))) == 1
+    (tmp_path / "damaged" / "lcsc_search.json").unlink()
+    with pytest.raises(LcscError, match="lcsc_search.json is missing or corrupt"):
         _search(tmp_path, "damaged", num_trials=3, resume=True)
 
 
