@@ -17,6 +17,7 @@ import urllib.request
 import ray
 
 from lcsc_ray import stopping
+from lcsc_ray.search.ray_compat import driver_keeps_sigterm_handler
 
 LOOPBACK_HOSTS = {"localhost"}
 
@@ -52,7 +53,8 @@ def start_ray(
     runtime_env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
     if address:
         # Dashboard flags belong to `ray start --head` on an existing cluster; Ray ignores them here.
-        context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=not quiet)
+        with driver_keeps_sigterm_handler():
+            context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=not quiet)
     else:
         if dashboard and not is_loopback(dashboard_host):
             print(
@@ -61,7 +63,8 @@ def start_ray(
                 "token) can submit jobs to this machine",
                 file=sys.stderr,
             )
-        with stopping.shielded_children():  # only the driver hears a stop signal; it then stops the cluster
+        # Only the driver hears a stop signal, with its own handler; it then stops the cluster.
+        with stopping.shielded_children(), driver_keeps_sigterm_handler():
             context = ray.init(
                 include_dashboard=dashboard,
                 dashboard_host=dashboard_host,

@@ -59,9 +59,10 @@ def report(error: LcscError) -> int:
     return INPUT_ERROR_STATUS
 
 
-def keep_traces_in(folder: Path) -> None:
-    """Write the traces of errors raised in Ray tasks into `folder` (the experiment's) from now on."""
-    _trace_folder[:] = [folder]
+def keep_traces_in(folder: Path | None) -> None:
+    """Write the traces of errors raised in Ray tasks into `folder` (the experiment's) from now on; None: the
+    temporary folder."""
+    _trace_folder[:] = [] if folder is None else [folder]
 
 
 def keep_trace(trace: str) -> Path | None:

@@ -8,15 +8,19 @@ A stop never raises an exception in the driver. A KeyboardInterrupt lands at wha
 logging's fork hooks while Ray starts (it was swallowed, a lock stayed held, and the driver ran on, then hung)
 or inside Ray's own calls (the driver exited 1 and printed nothing). So a stop signal
 - inside the search loop (`graceful`) asks Ray Tune to leave its loop and save the experiment state, as a first
-  Ctrl+C does; a watchdog ends the driver `GRACE_S` later if that has not finished (under a process-group
-  SIGTERM Ray's GCS dies first, and the driver would wait 60 s for it);
+  Ctrl+C does;
 - inside a commit of result files (`deferred`) waits for the commit's end, so the files appear together;
 - anywhere else (run checks, Ray start-up, the stages after the search) ends the driver at once.
+A watchdog thread learns of every stop signal at once, through Python's wakeup fd, also while the main thread
+sits in C code that never returns to the interpreter (a Ray call waiting for a dead GCS), and ends the driver
+when the main thread has not run the handler within `HANDLER_WAIT_S`, or a graceful stop has not ended it
+`SAVED_GRACE_S` after Tune's save (`GRACE_S` after the signal at most).
 Ending the driver (`exit_stopped`): flush the output, kill every process it started (a local Ray cluster: GCS,
 raylet, agents and workers, whose agents otherwise linger for minutes), print the stop line (`set_phase` keeps
-it current) and `os._exit`. Every file the job writes is written atomically (lcsc_ray/atomic.py), so
-exiting at any point leaves whole files or none. The handler writes with `os.write` and takes no lock a
-signal could have interrupted.
+it current) and `os._exit`. The cluster's processes are started with SIGTERM blocked (`shielded_children`),
+so a signal to the process group or cgroup reaches only the driver. Every file the job writes is written
+atomically (lcsc_ray/atomic.py), so exiting at any point leaves whole files or none. The handler writes with
+`os.write` and takes no lock a signal could have interrupted.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import psutil
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 GRACE_S = 8.0  # how long Tune may take to save its state after a stop signal before the watchdog ends the driver
 SAVED_GRACE_S = 3.0  # how long the driver may take to wind down once Tune has saved (Ray may be gone by then)
-KILL_WAIT_S = 3.0  # how long to wait for killed processes to be gone
+EXIT_WAIT_S = 6.0  # how long the watchdog lets a main thread that is ending the process finish
 HANDLER_WAIT_S = 2.0  # how long the main thread has to run the Python handler (it cannot inside Ray's C++ calls)
 
 
@@ -140,13 +144,8 @@ def end(status: int) -> None:
     """After a command's `main`: when it started a local Ray cluster (`shielded_children`), kill the cluster
     and end the process with `status` at once (output flushed, no exit handlers, which would talk to the
     killed cluster); else return."""
-    if not _state.cluster:
-        return
-    _state.exiting = True
-    for stream in (sys.stdout, sys.stderr):
-        _flush(stream)
-    kill_descendants(wait_s=0.0)
-    os._exit(status)
+    if _state.cluster:
+        _end_process(status, [])
 
 
 def owns_process() -> bool:
@@ -267,24 +266,33 @@ def exit_stopped(signum: int | None, line: str | None = None, *, note: str | Non
     """End this process after a stop: flush, kill what it started, print `line` (default: `stop_line`) last
     and exit with `status(signum)` without running exit handlers (they talk to the Ray we just stopped)."""
     if _state.exiting and threading.current_thread() is not threading.main_thread():
-        time.sleep(KILL_WAIT_S * 2)  # the main thread is exiting; let it finish, or exit if it got stuck
+        time.sleep(EXIT_WAIT_S)  # the main thread is exiting; let it finish, or exit if it got stuck
         os._exit(status(signum))
     _state.exiting = True
+    _end_process(status(signum), [*([note] if note else []), line if line is not None else stop_line(signum)])
+
+
+def _end_process(code: int, lines: Sequence[str]) -> NoReturn:
+    """Freeze every process this one started, flush, print `lines`, kill the frozen processes and exit with
+    `code`. Frozen (SIGSTOP), they print nothing after the last line, and the driver's Ray core worker cannot
+    see its raylet die and abort the process (status -6) before it exits with `code`."""
+    _state.exiting = True
+    frozen = freeze_descendants()
     for stream in (sys.stdout, sys.stderr):
         _flush(stream)
-    kill_descendants(wait_s=0.0)  # SIGKILL takes effect at once; waiting would give Ray's core worker time to
-    # notice its dead raylet and end this process with status 1 before the line below
-    if note:
-        _write(note)
-    _write(line if line is not None else stop_line(signum))
-    os._exit(status(signum))
+    for line in lines:
+        _write(line)
+    for process in frozen:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    os._exit(code)
 
 
-def kill_descendants(wait_s: float = KILL_WAIT_S) -> list[int]:
-    """SIGKILL every process this one started, their children included, and wait until they are gone; the
-    pids. A local Ray cluster is such a tree (GCS, raylet, dashboard, agents, workers); it is frozen first
-    (SIGSTOP) so that no process starts another while the tree is walked. Processes of a cluster this driver
-    only joined are not its descendants and are left alone."""
+def freeze_descendants() -> list[psutil.Process]:
+    """SIGSTOP every process this one started, their children included; the frozen processes (to be killed).
+    A local Ray cluster is such a tree (GCS, raylet, dashboard, agents, workers); frozen, none starts another
+    while the tree is walked. Processes of a cluster this driver only joined are not its descendants and are
+    left alone."""
     me, frozen = psutil.Process(), {}
     for _ in range(3):  # a child started while the tree was walked is found on the next walk
         found = [p for p in _children(me) if p.pid not in frozen]
@@ -294,24 +302,7 @@ def kill_descendants(wait_s: float = KILL_WAIT_S) -> list[int]:
             with contextlib.suppress(psutil.Error):
                 process.suspend()
             frozen[process.pid] = process
-    for process in frozen.values():
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    deadline = time.monotonic() + wait_s
-    while any(_alive(p) for p in frozen.values()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return list(frozen)
-
-
-def _alive(process: psutil.Process) -> bool:
-    """Still running: a killed grandchild stays a zombie until its dead parent is reaped, which is not ours
-    to wait for (our own children are reaped here)."""
-    try:
-        if process.ppid() == os.getpid():
-            os.waitpid(process.pid, os.WNOHANG)
-        return process.status() != psutil.STATUS_ZOMBIE
-    except (psutil.Error, ChildProcessError):
-        return False
+    return list(frozen.values())
 
 
 def _children(process: psutil.Process) -> list[psutil.Process]:

@@ -124,6 +124,25 @@ def test_allow_pending_trials_lets_max_concurrent_trials_run_in_as_many_actors(l
     assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "2"
 
 
+class _PidTrial(tune.Trainable):
+    """Reports its worker's pid; resettable, so Tune may reuse its actor for the next trial."""
+
+    def step(self) -> dict:
+        return {"score": float(np.sum(decode_candidate(self.config)[0] ** 2)), "worker_pid": os.getpid(), "done": True}
+
+    def reset_config(self, new_config: dict) -> bool:
+        self.config = new_config
+        return True
+
+
+def test_keep_trial_actors_reuses_one_actor_per_concurrent_trial(local_ray, tmp_path):
+    space = build_space("affine", 3)
+    table = run_search(_PidTrial, space, optimizer="CMA", num_trials=24, seed=0, storage=tmp_path, name="reuse",
+                       max_concurrent=4, resources={"cpu": 0.1}, progress=False)
+    assert len(table.rows) == 24 and len(table.told) == 24
+    assert len({row.metrics["worker_pid"] for row in table.rows}) <= 4  # Tune alone kept one: about 20 workers
+
+
 def test_in_ray_job_reads_the_variable_the_job_supervisor_sets(monkeypatch):
     from ray.dashboard.modules.job import job_supervisor
 

@@ -44,7 +44,7 @@ from lcsc_ray.search.identity import check_identity, search_settings
 from lcsc_ray.search.monitor import SearchMonitor
 from lcsc_ray.search.objective import SearchObjective
 from lcsc_ray.search.optimizers import build_optimizer
-from lcsc_ray.search.ray_compat import (allow_pending_trials, allow_results_without_metric, check_ray_version,
+from lcsc_ray.search.ray_compat import (ActorKeepingScheduler, allow_pending_trials, allow_results_without_metric, check_ray_version,
                                         interrupt_tune_run, json_trial_logs_only, let_driver_handle_sigint,
                                         run_config_of, watch_tune_stop)
 from lcsc_ray.search.searcher import LcscNevergradSearch, load_searcher
@@ -207,7 +207,7 @@ def run_search(
     same before Ray starts).
     """
     exp_dir = _experiment_dir(storage, name)
-    trial_scheduler = build_scheduler(scheduler, rounds, reduction_factor)
+    trial_scheduler = build_scheduler(scheduler, rounds, reduction_factor, keep_actors=max_concurrent)
     check_batching(candidates_per_trial, scheduler)
     manifest = check_experiment(storage, name, resume=resume)
     check_ray_version()
@@ -303,18 +303,30 @@ def check_batching(candidates_per_trial: int, scheduler: str) -> None:
                         "(a batch trial scores its candidates at full fidelity; ASHA stops single candidates)")
 
 
-def build_scheduler(name: str, rounds: Sequence[int], reduction_factor: float) -> TrialScheduler:
+class KeepingFIFOScheduler(ActorKeepingScheduler, FIFOScheduler):
+    """Tune's FIFO scheduler that keeps one actor per concurrent trial between trials (`keep_trial_actors`)."""
+
+
+class KeepingASHAScheduler(ActorKeepingScheduler, ASHAScheduler):
+    """Tune's ASHA scheduler that keeps one actor per concurrent trial between trials (`keep_trial_actors`)."""
+
+
+def build_scheduler(name: str, rounds: Sequence[int], reduction_factor: float, keep_actors: int = 1) -> TrialScheduler:
     """Tune's scheduler for `--scheduler`: FIFO (every trial runs to its end) or ASHA, asynchronous successive
     halving over the sample count (`num_samples`, the trainable's time attribute): rungs at the first round
-    and every `reduction_factor` times more samples, up to the last round. With one round, FIFO."""
+    and every `reduction_factor` times more samples, up to the last round. With one round, FIFO. Either keeps
+    `keep_actors` trial actors (the concurrency) alive between trials, so each next trial reuses one."""
     if name not in ("asha", "fifo"):
         raise LcscError(f"unknown --scheduler {name!r}; use asha or fifo")
     if name == "fifo" or len(rounds) < 2:  # one round: nothing to stop between rounds
-        return FIFOScheduler()
-    if reduction_factor <= 1:
+        scheduler = KeepingFIFOScheduler()
+    elif reduction_factor <= 1:
         raise LcscError(f"--reduction-factor {reduction_factor}: must be above 1 (keep the best 1/factor per round)")
-    return ASHAScheduler(time_attr=TIME_ATTR, max_t=int(rounds[-1]), grace_period=int(rounds[0]),
-                         reduction_factor=reduction_factor)
+    else:
+        scheduler = KeepingASHAScheduler(time_attr=TIME_ATTR, max_t=int(rounds[-1]), grace_period=int(rounds[0]),
+                                         reduction_factor=reduction_factor)
+    scheduler.keep_actors = max(1, int(keep_actors))
+    return scheduler
 
 
 def _actor_named(trainable: Callable | type) -> Callable | type:
