@@ -223,7 +223,7 @@ def _karras_sigma(run_dir: Path, index: int) -> float:
     from lcsc_ray.sampling import build_sampler
 
     sampler = build_sampler(load_run(run_dir), "multistep", steps=TWO_STEP_GRID, ts=[0, index])
-    return float(sampler.grid[index])
+    return float(sampler.sigmas[1])
 
 
 def item3_training_cost(cfg: dict, storage: Path, plots: Path, work: Path, item1: dict[str, list[SearchRun]],

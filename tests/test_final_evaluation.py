@@ -130,8 +130,11 @@ def test_winner_selection_on_the_independent_metric_and_the_candidate_to_use(sel
     candidates = [baseline, _finalist(1, [10.0, 10.5, 9.8], [20.0, 21.0, 20.4]),
                   _finalist(2, [12.0, 12.4, 11.9], [15.0, 15.5, 14.8])]
     args = parse_args(["--select-on", select_on, "--heldout-seeds", "3"], "cm")
-    winner, best, deciding = print_verdict(candidates, "fd_digits", args)
-    out = capsys.readouterr().out
+    verdict = print_verdict(candidates, "fd_digits", args)
+    winner, best, deciding = verdict.winner, verdict.best, verdict.deciding
+    printed = capsys.readouterr().out
+    assert all(line in printed.replace("\n  ", " ") for line in verdict.lines)  # printed, wrapped at 120 columns
+    out = "\n".join(verdict.lines)
     assert winner.trial == expected and best is winner and deciding == "fd_digits_indep"
     assert "beats 1, ties 0, loses to 0 of 1 baselines and controls" in out
     assert ("picked among the finalists on held-out fd_digits_indep" in out) == (select_on == "independent")

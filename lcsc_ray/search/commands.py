@@ -60,7 +60,7 @@ def new_search_command(argv: Sequence[str] | None, kind: str, name: str, storage
 
 
 def absolute_paths(argv: Sequence[str]) -> list[str]:
-    """`argv` with the value of every path flag (`PATH_FLAGS`, as `--flag value` or `--flag=value`) absolute."""
+    """`argv` with the value of every path flag (`PATH_FLAGS`, as `--name value` or `--name=value`) absolute."""
     args, index = [], 0
     while index < len(argv):
         flag, equals, value = argv[index].partition("=")
@@ -84,7 +84,7 @@ def _absolute(flag: str, value: str) -> str:
 
 
 def flag_values(argv: Sequence[str], flag: str) -> list[str]:
-    """Every value `flag` has in `argv` (`--flag value` or `--flag=value`)."""
+    """Every value `flag` has in `argv` (`FLAG value` or `FLAG=value`)."""
     values = []
     for index, arg in enumerate(argv):
         if arg == flag and index + 1 < len(argv):
