@@ -27,6 +27,7 @@ import pickle
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,23 +79,26 @@ def write_edm2_run(edm2: Path, folder: Path) -> None:
                     pickle.dump(data, handle)
 
 
-def write_edm_run(edm: Path, folder: Path) -> None:
-    """Snapshots as EDM's training loop writes them: dict(ema, loss_fn, augment_pipe, dataset_kwargs), by kimg."""
-    sys.path.insert(0, str(edm))
-    from training.loss import EDMLoss
-    from training.networks import EDMPrecond
+def write_songunet_run(code: Path, folder: Path, precond: str, loss: str, step_of: Callable[[int], int],
+                       seed: int) -> None:
+    """Snapshots as EDM's and ECT's training loops write them: dict(ema, loss_fn, augment_pipe, dataset_kwargs)
+    of the code base's `precond` network (a tiny SongUNet) and `loss`, named `network-snapshot-<step>.pkl` with
+    the snapshot's step in the code base's unit (`step_of`: EDM counts kimg, ECT ticks)."""
+    sys.path.insert(0, str(code))
+    from training import loss as losses
+    from training import networks
 
     torch.manual_seed(0)
-    net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, model_type="SongUNet", model_channels=16,
-                     channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
-    generator = torch.Generator().manual_seed(3)
+    net = getattr(networks, precond)(img_resolution=8, img_channels=3, label_dim=0, model_type="SongUNet",
+                                     model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
+    generator = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True)
     for snapshot in range(1, SNAPSHOTS + 1):
         for _ in range(STEPS_PER_SNAPSHOT):
             _perturb(net, generator)
-        data = dict(ema=copy.deepcopy(net).eval().requires_grad_(False), loss_fn=EDMLoss(), augment_pipe=None,
-                    dataset_kwargs={"resolution": 8})
-        with open(folder / f"network-snapshot-{snapshot * 50:06d}.pkl", "wb") as handle:
+        data = dict(ema=copy.deepcopy(net).eval().requires_grad_(False), loss_fn=getattr(losses, loss)(),
+                    augment_pipe=None, dataset_kwargs={"resolution": 8})
+        with open(folder / f"network-snapshot-{step_of(snapshot):06d}.pkl", "wb") as handle:
             pickle.dump(data, handle)
 
 
@@ -118,26 +122,6 @@ def forget_code_base(folder: Path) -> None:
                                                                      "generate", "metrics")]:
         del sys.modules[name]
     sys.path.remove(str(folder))
-
-
-def write_ect_run(ect: Path, folder: Path) -> None:
-    """Snapshots as ECT's training loop writes them: dict(ema, loss_fn, augment_pipe, dataset_kwargs)."""
-    sys.path.insert(0, str(ect))
-    from training.loss import ECMLoss
-    from training.networks import ECMPrecond
-
-    torch.manual_seed(0)
-    net = ECMPrecond(img_resolution=8, img_channels=3, label_dim=0, model_type="SongUNet", model_channels=16,
-                     channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
-    generator = torch.Generator().manual_seed(2)
-    folder.mkdir(parents=True)
-    for tick in range(1, SNAPSHOTS + 1):
-        for _ in range(STEPS_PER_SNAPSHOT):
-            _perturb(net, generator)
-        data = dict(ema=copy.deepcopy(net).eval().requires_grad_(False), loss_fn=ECMLoss(), augment_pipe=None,
-                    dataset_kwargs={"resolution": 8})
-        with open(folder / f"network-snapshot-{tick:06d}.pkl", "wb") as handle:
-            pickle.dump(data, handle)
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -231,7 +215,7 @@ def main() -> None:
         work = Path(tmp)
         os.environ["LCSC_RAY_CACHE"] = str(work / "cache")
         rows = []
-        write_edm_run(edm, work / "edm_run")
+        write_songunet_run(edm, work / "edm_run", "EDMPrecond", "EDMLoss", lambda k: 50 * k, seed=3)
         rows.append(("EDM export (lcsc-merge) in EDM's loader", export_loads_in_original(edm, work / "edm_run",
                                                                                        work, None)))
         rows.append(("EDM Heun samples vs generate.py edm_sampler (18 steps)",
@@ -244,7 +228,7 @@ def main() -> None:
         rows.append(("EDM2 export (lcsc-merge) in EDM2's loader", export_loads_in_original(edm2, work / "edm2_run",
                                                                                          work, "0.050")))
         forget_code_base(edm2)
-        write_ect_run(ect, work / "ect_run")
+        write_songunet_run(ect, work / "ect_run", "ECMPrecond", "ECMLoss", lambda k: k, seed=2)
         rows.append(("ECT export (lcsc-merge) in ECT's loader", export_loads_in_original(ect, work / "ect_run",
                                                                                        work, None)))
         rows.append(("ECT two-step samples vs generator_fn (mid t 0.821)",

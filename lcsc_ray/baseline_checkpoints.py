@@ -123,8 +123,11 @@ def reconstruct_posthoc_ema(inputs: Sequence[tuple[float, CheckpointFile]], widt
     sums: list[dict[str, torch.Tensor]] = [{} for _ in widths]
     first: dict[str, torch.Tensor] | None = None  # at the end: the tensors equal in every snapshot
     newest = max(inputs, key=lambda item: item[1].step)[1]
+    newest_state: dict[str, torch.Tensor] = {}
     for row, (_, file) in enumerate(inputs):
         state = load_checkpoint(file, trust_pickle=True).state_dict  # the run was only resolved with --trust-pickle
+        if file is newest:
+            newest_state = state
         if first is None:
             first = {name: tensor.clone() for name, tensor in state.items()}
         floating = [name for name, tensor in state.items() if tensor.is_floating_point()]
@@ -134,7 +137,6 @@ def reconstruct_posthoc_ema(inputs: Sequence[tuple[float, CheckpointFile]], widt
                 total[name] = term if name not in total else total[name].add_(term)
         for name in [n for n in floating if n in first and not torch.equal(state[n], first[n])]:
             del first[name]
-    newest_state = load_checkpoint(newest, trust_pickle=True).state_dict
     for path, total in zip(targets, sums):
         state = {name: (total[name].to(tensor.dtype) if name in total and name not in first else tensor.clone())
                  for name, tensor in newest_state.items()}

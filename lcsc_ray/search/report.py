@@ -72,6 +72,15 @@ def compare(row: ScoredCandidate, winner: ScoredCandidate, metric: str, *, lower
     return Comparison(diff, se, verdict)
 
 
+def _delta_cell(row: ScoredCandidate, winner: ScoredCandidate, metric: str) -> str:
+    """A table cell: the paired difference of `row` to the winner ± its SE, or "(winner)"."""
+    if row is winner:
+        return "(winner)"
+    comparison = compare(row, winner, metric)
+    se = "n/a" if not math.isfinite(comparison.se) else f"{comparison.se:.2f}"
+    return f"{comparison.diff:+.2f} ± {se}"
+
+
 def format_table(rows: Sequence[ScoredCandidate], winner: ScoredCandidate, metric_name: str, *,
                  other_metrics: Sequence[str], search_samples: int, final_samples: int, seeds: int) -> str:
     """Plain-text table: per candidate its search score, then for the searched metric and every metric the
@@ -93,13 +102,7 @@ def format_table(rows: Sequence[ScoredCandidate], winner: ScoredCandidate, metri
         search = "-" if row.search_score is None else f"{row.search_score:.4f}"
         line = f"{row.name:<34} {search:>18}"
         for metric in fd_metrics:
-            if row is winner:
-                delta = "(winner)"
-            else:
-                comparison = compare(row, winner, metric)
-                se = "n/a" if not math.isfinite(comparison.se) else f"{comparison.se:.2f}"
-                delta = f"{comparison.diff:+.2f} ± {se}"
-            line += f" {row.mean(metric):>22.4f} {delta:>18}"
+            line += f" {row.mean(metric):>22.4f} {_delta_cell(row, winner, metric):>18}"
         for metric in pr_metrics:
             line += f" {row.mean(metric):>{max(10, len(metric))}.3f}"
         lines.append(line)
@@ -116,13 +119,7 @@ def format_compact_table(rows: Sequence[ScoredCandidate], winner: ScoredCandidat
     for row in rows:
         line = f"{row.name[:40]:<40}"
         for metric in metrics:
-            if row is winner:
-                delta = "(winner)"
-            else:
-                comparison = compare(row, winner, metric)
-                se = "n/a" if not math.isfinite(comparison.se) else f"{comparison.se:.2f}"
-                delta = f"{comparison.diff:+.2f} ± {se}"
-            line += f" {row.mean(metric):>18.4f} {delta[:16]:>16}"
+            line += f" {row.mean(metric):>18.4f} {_delta_cell(row, winner, metric)[:16]:>16}"
         lines.append(line)
     return "\n".join(lines)
 
