@@ -203,11 +203,12 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
     output = Path(args.out).expanduser().resolve() if args.out else storage / name / "final"
     check_output_folder(storage, "--storage")  # writable before anything is written there
     preview = storage / f"{name}.preview.png" if args.dry_run else None
+    stamps = tuple(stamp(f.path) for f in files)  # before the preflight reads them: any later change is caught
     report = preflight(spec, run, preview=preview, sample_counts={"--fid-samples": args.fid_samples,
                                                                    "--final-samples": args.final_samples})
     print("\n".join([*report.warnings, report.summary()]))  # every input checked before an experiment folder exists
     check_space(args, storage, output, report.num_params, len(files))
-    spec = replace(spec, file_stamps=tuple(stamp(f.path) for f in files))  # what every later reader compares
+    spec = replace(spec, file_stamps=stamps)  # what every later reader compares
     save_run_json(resolved, storage, name)
     if args.dry_run:
         print(f"dry run: stopped before Ray; samples of the newest checkpoint: {preview}")
