@@ -17,6 +17,9 @@ from typing import Any, Callable, Iterator
 from lcsc_ray import stopping
 
 STAGING = ".lcsc-partial"  # `staging_folder`'s name
+# Called with each target once it is in place: a remote --storage copies the file to its bucket at once
+# (lcsc_ray/remote_storage.py); empty otherwise.
+AFTER_WRITE: list[Callable[[Path], None]] = []
 
 
 @contextlib.contextmanager
@@ -37,6 +40,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions of a new file
         os.replace(tmp, target)
+        for hook in AFTER_WRITE:
+            hook(target)
     finally:
         tmp.unlink(missing_ok=True)
 

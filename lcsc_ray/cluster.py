@@ -17,9 +17,12 @@ import urllib.request
 import ray
 
 from lcsc_ray import stopping
-from lcsc_ray.search.ray_compat import driver_keeps_sigterm_handler
+from lcsc_ray.search.ray_compat import driver_keeps_sigterm_handler, tune_actor_env_vars, tune_actors_use_idle_workers
 
 LOOPBACK_HOSTS = {"localhost"}
+# What a trial's worker imports before it can score: torch, Tune's trainable, the scorer, the model registry and
+# the demo's feature extractor. A local cluster's idle workers import them as they start (`start_ray`).
+TRIAL_MODULES = ("lcsc_ray.search.trial", "lcsc_ray.models", "lcsc_ray.run_formats", "lcsc_ray.features.digits")
 
 
 def is_loopback(host: str) -> bool:
@@ -44,6 +47,14 @@ def start_ray(
 
     Workers must not change into their trial folder (`RAY_CHDIR_TO_TRIAL_DIR=0`): every path we hand them
     is absolute, and relative paths typed by the user keep meaning what they meant in the shell.
+
+    A local cluster gets no job runtime environment: its workers inherit the driver's environment, where
+    that variable is set, and Ray starts one idle worker per CPU at `ray.init` that imports `TRIAL_MODULES`
+    at once (Ray's `preload_python_modules`). A trial's actor then takes one of those workers
+    (`ray_compat.tune_actors_use_idle_workers`) instead of starting a process and importing torch and our
+    modules between Tune's start and the first trial (2-4 s on a small machine). Ray only hands an actor an
+    idle worker whose runtime environment is the default one, so setting the variable through a runtime
+    environment, as for an existing cluster, ruled that out.
     """
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     if ray.is_initialized():
@@ -51,11 +62,16 @@ def start_ray(
     # Workers import lcsc_ray and search_spaces from the installed package: on a multi-node cluster every node
     # runs the same environment (`pip install -r requirements.txt`), like the same path for the checkpoints.
     runtime_env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
+    tune_actors_use_idle_workers(None)
     if address:
         # Dashboard flags belong to `ray start --head` on an existing cluster; Ray ignores them here.
         with driver_keeps_sigterm_handler():
             context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=not quiet)
     else:
+        local = not os.environ.get("RAY_ADDRESS")  # set in a `ray job submit` driver: an existing cluster
+        if local:
+            for name, value in tune_actor_env_vars().items():  # what Tune would set: the workers inherit it
+                os.environ.setdefault(name, value)
         if dashboard and not is_loopback(dashboard_host):
             print(
                 f"warning: the Ray dashboard will listen on {dashboard_host}:{dashboard_port}; it has no user "
@@ -69,9 +85,11 @@ def start_ray(
                 include_dashboard=dashboard,
                 dashboard_host=dashboard_host,
                 dashboard_port=dashboard_port if dashboard else None,
-                runtime_env=runtime_env,
                 log_to_driver=not quiet,
+                **({"_system_config": local_system_config()} if local else {"runtime_env": runtime_env}),
             )
+        if local:
+            tune_actors_use_idle_workers(dict(os.environ))
     url = context.dashboard_url or None
     if url and not url.startswith("http"):
         url = f"http://{url}"
@@ -80,6 +98,17 @@ def start_ray(
               "of `ray get-auth-token` (the file ~/.ray/auth_token on the head node); REST calls need the header "
               "'Authorization: Bearer <token>'")
     return url
+
+
+def local_system_config() -> dict[str, object]:
+    """Ray's settings for a local cluster `start_ray` starts: its workers import `TRIAL_MODULES` as they start,
+    and run at the driver's priority (Ray runs them at niceness 15 by default: on a machine shared with other
+    jobs a trial then gets less CPU than the same work in a plain loop at the user's priority;
+    `RAY_worker_niceness` in the environment still sets it)."""
+    config: dict[str, object] = {"preload_python_modules": list(TRIAL_MODULES)}
+    if "RAY_worker_niceness" not in os.environ:
+        config["worker_niceness"] = 0
+    return config
 
 
 def dashboard_auth_mode(url: str, timeout: float = 5.0) -> str | None:

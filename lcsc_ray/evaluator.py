@@ -37,6 +37,7 @@ class EvalResult:
     timings: dict[str, float] = field(default_factory=dict)
     extrapolated: float | None = None  # the distance extrapolated to infinitely many samples (blocks > 1)
     slope: float | None = None  # of the distance in 1/n: score ≈ extrapolated + slope / num_samples
+    leave_out: list[float] | None = None  # the B delete-a-block distances (blocks > 1), for the jackknife SE
 
 
 class Evaluator:
@@ -142,7 +143,8 @@ class RunningScore:
         start = time.perf_counter()
         result = EvalResult(self.distance(), evaluator.extractor.metric_name, self.num_samples, timings)
         if self.stats.blocks > 1:
-            result.extrapolated, result.slope = extrapolate_frechet(result.score, self.num_samples,
-                                                                    self._leave_one_out())
+            leave_out = self._leave_one_out()
+            result.extrapolated, result.slope = extrapolate_frechet(result.score, self.num_samples, leave_out)
+            result.leave_out = [float(distance) for _, distance in leave_out]
         timings["distance"] += time.perf_counter() - start
         return result

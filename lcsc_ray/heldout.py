@@ -27,6 +27,7 @@ from lcsc_ray.features import build_extractor
 from lcsc_ray.precision_recall import DEFAULT_K, knn_radii, precision_recall
 from lcsc_ray.reference_stats import load_reference_stats
 from lcsc_ray.scoring import CandidateScorer
+from lcsc_ray.shipped_files import local_path
 
 Source = np.ndarray | ExtraBaseline  # coefficients over the stack, or a baseline checkpoint file
 
@@ -61,9 +62,11 @@ class HeldoutMetrics:
     def __init__(self, plan: EvalPlan, scorer: CandidateScorer) -> None:
         device = scorer.device
         self.evaluators = []
-        for name, stats in plan.extractors:
-            extractor = build_extractor(name, device=device, inception_weights=plan.inception_weights)
-            reference = load_reference_stats(stats, extractor=extractor.name, dim=extractor.dim)
+        for name, stats in plan.extractors:  # the driver's files, or this node's copies of them (shipped_files.py)
+            extractor = build_extractor(name, device=device,
+                                        inception_weights=local_path(scorer.shipped, plan.inception_weights))
+            reference = load_reference_stats(local_path(scorer.shipped, stats), extractor=extractor.name,
+                                             dim=extractor.dim)
             self.evaluators.append(Evaluator(extractor, reference, device=device))
         pr_extractors = [e.extractor for e in self.evaluators[:1]] or [scorer.evaluator.extractor]
         self.real: list[tuple[object, torch.Tensor, torch.Tensor]] = []

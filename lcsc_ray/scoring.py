@@ -9,7 +9,7 @@ trial, the held-out re-scoring and the plain-loop baseline of `benchmarks/trial_
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -30,6 +30,7 @@ from lcsc_ray.reference_stats import load_reference_stats
 from lcsc_ray.run_folder import RunInfo, add_python_path, load_run, run_from_config
 from lcsc_ray.run_formats import build_network
 from lcsc_ray.sampling import Sampler, build_sampler, generate_batches
+from lcsc_ray.shipped_files import SHIPPED_KEY, local_path, local_run_config
 from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack
 from lcsc_ray.stack_file import open_stack_file
 
@@ -97,6 +98,12 @@ class CandidateScorer:
                             f"is {spec.stack_dtype}; build it with `load_stack(spec)`")
         if spec.threads:
             torch.set_num_threads(spec.threads)
+        # Files the driver shipped in the payload (no shared file system): this node's copies replace its paths.
+        self.shipped: dict[str, bytes] = (stack_payload or {}).get(SHIPPED_KEY) or {}
+        if self.shipped:
+            spec = replace(spec, reference_stats=local_path(self.shipped, spec.reference_stats),
+                           inception_weights=local_path(self.shipped, spec.inception_weights),
+                           run_config=local_run_config(self.shipped, spec.run_config))
         self.spec = spec
         self.device = resolve_device(spec.device)
         run = spec_run(spec)
@@ -155,7 +162,8 @@ class CandidateScorer:
         """Put a candidate's weights into the resident model: merge coefficients α, or load a baseline
         checkpoint file the run provides (lcsc_ray/baseline_checkpoints.py; not a combination of the stack)."""
         if isinstance(source, ExtraBaseline):
-            state = load_state_dict(source.file, source.ckpt_key, trust_pickle=self.spec.trust_pickle)
+            file = replace(source.file, path=Path(local_path(self.shipped, source.file.path)))
+            state = load_state_dict(file, source.ckpt_key, trust_pickle=self.spec.trust_pickle)
             with torch.no_grad():  # copies into the stack-bound tensors; the next merge overwrites them again
                 self.net.load_state_dict(state)
         else:

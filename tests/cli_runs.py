@@ -30,16 +30,18 @@ def driver_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", **extra}
 
 
-def start_driver(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start `tune_cm.py args` in a new session with stdout+stderr going to `log`."""
+def start_driver(args: list[str], log: Path, env: dict[str, str] | None = None,
+                 cwd: Path = REPO) -> subprocess.Popen:
+    """Start `tune_cm.py args` in a new session (working directory `cwd`) with stdout+stderr going to `log`."""
     handle = open(log, "w")  # noqa: SIM115 - owned by the child; closed when the test's process ends
     return subprocess.Popen([sys.executable, str(TUNE_CM), *args], stdout=handle, stderr=subprocess.STDOUT,
-                            env=env or driver_env(), cwd=REPO, start_new_session=True)
+                            env=env or driver_env(), cwd=cwd, start_new_session=True)
 
 
-def run_driver(args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 240) -> int:
+def run_driver(args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 240,
+               cwd: Path = REPO) -> int:
     """Run `tune_cm.py args` to the end; returns its exit code. Its Ray processes are stopped afterwards."""
-    driver = start_driver(args, log, env)
+    driver = start_driver(args, log, env, cwd)
     try:
         return driver.wait(timeout=timeout)
     finally:

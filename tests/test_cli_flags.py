@@ -168,13 +168,14 @@ def test_a_preset_number_out_of_range_is_refused_in_one_line(tmp_path):
         parse_args(["--preset", _preset(tmp_path, num_trials=0)], "cm")
 
 
-@pytest.mark.parametrize("flag", ["--storage", "--ckpt-dir"])
-def test_cloud_storage_uris_are_refused_in_one_line_before_anything_runs(flag, tmp_path):
-    """A URI would otherwise become a local folder named `s3:` and the search would run there silently."""
+@pytest.mark.parametrize("flag", ["--ckpt-dir", "--out", "--ref-stats"])
+def test_input_uris_are_refused_in_one_line_before_anything_runs(flag, tmp_path):
+    """Only --storage may be a URI (tests/test_cloud_storage.py); any other would become a local folder named
+    `s3:` and the search would run there silently."""
     from lcsc_ray.errors import LcscError
     from lcsc_ray.search.job import run_job
 
     argv = ["--storage", str(tmp_path), flag, "s3://bucket/prefix?endpoint_override=127.0.0.1:9000"]
-    with pytest.raises(LcscError, match=f"{flag} s3://bucket/prefix.*cloud storage URIs are not supported yet"):
+    with pytest.raises(LcscError, match=f"{flag} s3://bucket/prefix.*only --storage may be a URI"):
         run_job(argv, kind="cm")
     assert not (Path.cwd() / "s3:").exists() and list(tmp_path.iterdir()) == []

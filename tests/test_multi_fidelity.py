@@ -8,6 +8,8 @@ optimizer is still told every candidate.
   score of the first round ranks the candidates as their full-fidelity scores do, closer than the raw one.
 - A real ASHA search on that run stops some trials, tells each of them once with its comparable score,
   generates fewer samples than full fidelity, and refuses a resume with other rounds or another told score.
+- The race scheduler stops a round only when it is clearly worse than the incumbent's same round (paired
+  jackknife bound), and a real race search on the tiny run stops exactly the trials that rule names.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from lcsc_ray.scoring import CandidateScorer, ScoringSpec
 from lcsc_ray.search.candidates import load_record
 from lcsc_ray.search.flags import parse_args
 from lcsc_ray.search.trial import FULL_FIDELITY_KEY, PENALTY_SCORE, LcscTrial, comparable_score, round_schedule
-from lcsc_ray.search.tuner import run_search
+from lcsc_ray.search.ray_compat import ActorKeepingScheduler
+from lcsc_ray.search.tuner import KeepingFIFOScheduler, build_scheduler, run_search
 from lcsc_ray.statistics import RunningStats
 from lcsc_ray.search.objective import SearchObjective
 from search_spaces.spaces import build_space
@@ -170,3 +173,79 @@ def test_asha_search_stops_trials_and_tells_each_with_its_comparable_score(local
         run_search(trainable, space, optimizer="CMA", num_trials=num_trials, seed=0, storage=tmp_path, name="asha",
                    resume=True, progress=False, scheduler="asha", rounds=ROUNDS,
                    objective=SearchObjective(coef_penalty=1.0))
+
+
+def test_race_stops_a_round_only_when_its_bound_is_above_the_incumbent():
+    scheduler = build_scheduler("race", ROUNDS, 3.0, keep_actors=2, race_z=2.0, race_pair=False)
+    assert isinstance(scheduler, ActorKeepingScheduler) and scheduler.keep_actors == 2  # one actor per trial kept
+    assert scheduler.on_trial_result(None, None, {"score": 50.0, "score_se": 1.0, FULL_FIDELITY_KEY: False}) == "CONTINUE"
+    assert scheduler.incumbent == float("inf")  # nothing complete yet: nothing to race against
+    scheduler.on_trial_complete(None, None, {"score": 40.0, FULL_FIDELITY_KEY: True})  # Tune's last result comes here
+    scheduler.on_trial_complete(None, None, {"score": PENALTY_SCORE, "failed": True, FULL_FIDELITY_KEY: True})
+    scheduler.on_trial_complete(None, None, {"score": 30.0, FULL_FIDELITY_KEY: False})  # stopped: a prediction
+    assert scheduler.incumbent == 40.0
+    assert scheduler.on_trial_result(None, None, {"score": 43.0, "score_se": 2.0, FULL_FIDELITY_KEY: False}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, None, {"score": 45.0, "score_se": 2.0, FULL_FIDELITY_KEY: False}) == "STOP"
+    scheduler.on_trial_complete(None, None, {"score": 39.0, FULL_FIDELITY_KEY: True})
+    assert scheduler.incumbent == 39.0 and scheduler.stopped == 1
+    assert isinstance(build_scheduler("race", ROUNDS[-1:], 3.0), KeepingFIFOScheduler)  # one round: nothing to race
+
+
+def test_race_pairs_a_round_with_the_incumbents_same_round():
+    scheduler = build_scheduler("race", ROUNDS, 3.0, race_z=2.0)
+    blocks = np.array([51.0, 49.0, 50.5, 49.5, 50.0, 50.0, 52.0, 48.0])
+
+    def result(trial_id: str, score: float, shift: np.ndarray | float = 0.0, samples: int = ROUNDS[0]) -> dict:
+        return {"trial_id": trial_id, "score": score, "score_se": 1.0, "num_samples": samples,
+                FULL_FIDELITY_KEY: False, "fd_leave_out": list(blocks + shift)}
+
+    # the incumbent's 100-sample prediction is 10 above its full score: the noise draw's error, shared by all
+    assert scheduler.on_trial_result(None, None, result("inc", 50.0)) == "CONTINUE"
+    scheduler.on_trial_complete(None, None, {"trial_id": "inc", "score": 40.0, FULL_FIDELITY_KEY: True})
+    # unpaired, 49 − 2·1 > 40 would stop it; paired with the incumbent at 100 samples it is 1 better
+    assert scheduler.on_trial_result(None, None, result("a", 49.0, shift=-1.0)) == "CONTINUE"
+    # 3 worse at the same round, blocks moving together (paired SE 0): clearly worse
+    assert scheduler.on_trial_result(None, None, result("b", 53.0, shift=3.0)) == "STOP"
+    # 3 worse, but the paired differences spread: SE = sqrt(7/8 · Σ (d − d̄)²) = sqrt(7/8 · 8) > 3/2
+    spread = np.array([1.0, -1.0] * 4) * 1.0
+    assert scheduler.on_trial_result(None, None, result("c", 53.0, shift=3.0 + spread)) == "CONTINUE"
+    # no incumbent report at this sample count: the unpaired bound
+    assert scheduler.on_trial_result(None, None, result("d", 43.0, samples=ROUNDS[1])) == "STOP"
+    assert scheduler.stopped == 2
+
+
+def test_race_search_stops_the_trials_clearly_worse_than_the_incumbent(local_ray, tiny_setup, tmp_path):
+    spec, space, alphas = tiny_setup
+    trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, objective=SearchObjective(),
+                                     num_samples=ROUNDS[-1], rounds=ROUNDS)
+    num_trials, z = 14, 1.0
+    table = run_search(trainable, space, optimizer="CMA", num_trials=num_trials, seed=0,
+                       warm_start={"uniform": alphas[1], "newest": alphas[0]}, storage=tmp_path, name="race",
+                       max_concurrent=1, resources={"cpu": 1}, progress=False, penalty=PENALTY_SCORE,
+                       scheduler="race", rounds=ROUNDS, race_z=z)
+    assert len(table.rows) == num_trials and table.num_errored == 0
+    assert sorted(index for index, _, _ in table.told) == list(range(num_trials))  # stopped ones told too
+    def clearly_worse(report: dict, incumbent: list[dict]) -> bool:  # the rule, written out independently
+        same = next(r for r in incumbent if r["num_samples"] == report["num_samples"])
+        diffs = np.subtract(report["fd_leave_out"], same["fd_leave_out"])
+        se = np.sqrt((len(diffs) - 1) / len(diffs) * np.sum((diffs - diffs.mean()) ** 2))
+        return report["score"] - same["score"] - z * se > 0
+
+    incumbent, incumbent_score, stopped, replaced = None, float("inf"), 0, 0
+    for row in table.rows:  # one trial at a time: suggestion order is the order the scheduler saw them
+        path = next((tmp_path / "race" / "candidates").glob(f"{row.index:06d}-*.npy"))
+        record = load_record({"lcsc_candidate": str(path)})
+        assert [r["num_samples"] for r in record] == list(ROUNDS[:len(record)])
+        if incumbent is None:  # the first trial has nothing to race against
+            assert record[-1][FULL_FIDELITY_KEY]
+        elif record[-1][FULL_FIDELITY_KEY]:  # ran to the end: no earlier round was clearly worse
+            assert not any(clearly_worse(r, incumbent) for r in record[:-1]), row.index
+        else:  # stopped at its last round, and only there, told with that round's comparable score
+            stopped += 1
+            assert clearly_worse(record[-1], incumbent) and not any(clearly_worse(r, incumbent) for r in record[:-1])
+            assert row.score == pytest.approx(record[-1]["score"])
+        if record[-1][FULL_FIDELITY_KEY] and row.score < incumbent_score:
+            incumbent, incumbent_score, replaced = record, row.score, replaced + 1
+    assert stopped >= 3, f"the race stopped {stopped} of {num_trials} trials"
+    assert replaced >= 2, "no trial replaced the first incumbent"  # uniform first, the better newest raced it
+    assert table.samples_generated() < num_trials * ROUNDS[-1]

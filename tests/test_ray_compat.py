@@ -167,3 +167,27 @@ def test_json_trial_logs_only_keeps_result_json_and_drops_csv_and_tensorboard(lo
         names = {path.name for path in trial_dir.iterdir()}
         assert {"params.json", "result.json"} <= names, names
         assert "progress.csv" not in names and not any(name.startswith("events.out") for name in names), names
+
+
+class _Plain(tune.Trainable):
+    def step(self) -> dict:
+        return {"done": True}
+
+
+@pytest.fixture
+def tune_actor_env_restored():
+    yield
+    ray_compat.tune_actors_use_idle_workers(None)
+
+
+def test_tune_actors_use_idle_workers_leaves_the_runtime_env_out_only_when_the_cluster_has_it(tune_actor_env_restored):
+    from ray.tune.execution.class_cache import _ActorClassCache
+
+    wanted = ray_compat.tune_actor_env_vars()
+    assert wanted["PL_DISABLE_FORK"] == "1"  # Tune's default, set on every trial actor through a runtime env
+    ray_compat.tune_actors_use_idle_workers(None)  # an existing cluster: Tune's behaviour
+    assert _ActorClassCache().get(_Plain)._default_options["runtime_env"] == {"env_vars": wanted}
+    ray_compat.tune_actors_use_idle_workers({**wanted, "OTHER": "x"})  # a local cluster that has them all
+    assert not _ActorClassCache().get(_Plain)._default_options.get("runtime_env")
+    ray_compat.tune_actors_use_idle_workers({**wanted, "PL_DISABLE_FORK": "0"})  # one differs: Tune sets it
+    assert _ActorClassCache().get(_Plain)._default_options["runtime_env"] == {"env_vars": wanted}

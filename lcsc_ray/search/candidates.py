@@ -12,6 +12,11 @@ evaluation round finished, before Ray hears of it: `{"rounds": [...]}`, one entr
 (a single round unless the search runs multi-fidelity trials). The experiment state Ray saves lags behind by up to one
 checkpoint period, so after a driver is killed these records are the only complete account of what was
 evaluated: a resumed search replays them instead of evaluating the same candidate again.
+
+With `--storage` on object storage (lcsc_ray/remote_storage.py) the store is the driver's scratch copy,
+which trial workers on other nodes cannot see: a config then also carries the value itself (`VALUE_KEY`,
+checked against the digest in the file name) and the URI of its record in the bucket (`RECORD_KEY`), where
+the trial writes and reads the record directly.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 
 from lcsc_ray.atomic import atomic_write, atomic_write_json
 from lcsc_ray.errors import LcscError
+from lcsc_ray.remote_storage import bucket_uri, child_uri, read_object, rebased, write_object
 from lcsc_ray.storage import storage_error
 
 CANDIDATE_KEY = "lcsc_candidate"
@@ -33,6 +39,8 @@ LABEL_KEY = "lcsc_label"
 INDEX_KEY = "lcsc_index"
 SEARCH_LABEL = "search"
 BASELINE_PREFIX = "baseline:"
+VALUE_KEY = "lcsc_value"  # remote storage only: the value as a list of floats
+RECORD_KEY = "lcsc_record"  # remote storage only: the URI of the candidate's record in the bucket
 BATCH_KEY = "lcsc_batch"  # a trial of several candidates: their configs, in suggestion order
 CANDIDATES_DIR = "candidates"  # inside the experiment folder
 RECORD_SUFFIX = ".result.json"
@@ -46,11 +54,12 @@ def digest(value: np.ndarray) -> str:
 
 
 def save_candidate(candidates_dir: str | os.PathLike, index: int, label: str, value: np.ndarray) -> dict:
-    """Write `value` (float64 [D]) to the store and return the trial config that names it."""
+    """Write `value` (float64 [D]) to the store and return the trial config that names it (with the value and
+    its record's URI when the store is mirrored to a bucket: module docstring)."""
     value = np.ascontiguousarray(value, dtype="<f8")
     if value.ndim != 1:
         raise LcscError(f"a candidate value must be a vector, got shape {value.shape}")
-    path = Path(candidates_dir).resolve() / f"{index:06d}-{digest(value)}.npy"
+    path = rebased(Path(candidates_dir).resolve() / f"{index:06d}-{digest(value)}.npy")
     if not path.is_file():
         try:
             atomic_write(path, lambda tmp: np.save(tmp, value, allow_pickle=False))
@@ -59,7 +68,11 @@ def save_candidate(candidates_dir: str | os.PathLike, index: int, label: str, va
             if problem is None:
                 raise
             raise problem from None
-    return {CANDIDATE_KEY: str(path), LABEL_KEY: label, INDEX_KEY: int(index)}
+    config = {CANDIDATE_KEY: str(path), LABEL_KEY: label, INDEX_KEY: int(index)}
+    remote_dir = bucket_uri(path.parent)
+    if remote_dir is not None:
+        config.update({VALUE_KEY: value.tolist(), RECORD_KEY: child_uri(remote_dir, path.stem + RECORD_SUFFIX)})
+    return config
 
 
 def _load_value(path: Path) -> np.ndarray:
@@ -91,6 +104,11 @@ def decode_candidate(config: dict) -> tuple[np.ndarray, str]:
             f"trial config lacks {CANDIDATE_KEY!r}/{LABEL_KEY!r}: the trial was not created by "
             f"LcscNevergradSearch (keys: {sorted(config)})"
         ) from None
+    if VALUE_KEY in config:
+        value = np.asarray(config[VALUE_KEY], dtype="<f8")
+        if value.ndim != 1 or digest(value) != path.stem.rpartition("-")[2]:
+            raise LcscError(f"the value in the trial config of {path.name} does not match its digest; {_DAMAGED}")
+        return value, label
     return _load_value(path), label
 
 
@@ -115,6 +133,13 @@ def save_record(config: dict, rounds: list[dict[str, Any]]) -> None:
     """Record the rounds evaluated so far of the trial's candidate (each a score or a penalty) next to its
     value; rewritten after every round, so a killed driver loses at most the round in progress. A full or
     read-only storage raises LcscError (the trial stops the search with it)."""
+    if RECORD_KEY in config:
+        try:
+            write_object(config[RECORD_KEY], json.dumps({"rounds": rounds}, indent=2).encode() + b"\n")
+        except OSError as error:
+            raise LcscError(f"the record {config[RECORD_KEY]} could not be written ({' '.join(str(error).split())}); "
+                            "check the bucket and this node's credentials, then continue with --resume") from None
+        return
     path = _record_path(config[CANDIDATE_KEY])
     try:
         atomic_write_json(path, {"rounds": rounds})
@@ -129,6 +154,9 @@ def load_record(config: dict) -> list[dict[str, Any]]:
     """The recorded rounds of the trial's candidate, in order; empty when none finished."""
     path = _record_path(config[CANDIDATE_KEY])
     try:
+        if RECORD_KEY in config:
+            data = read_object(config[RECORD_KEY])
+            return [] if data is None else list(json.loads(data)["rounds"])
         return list(json.loads(path.read_text(encoding="utf-8"))["rounds"])
     except FileNotFoundError:
         return []
@@ -140,7 +168,7 @@ def recorded_values(candidates_dir: str | os.PathLike) -> dict[int, np.ndarray]:
     """Suggestion index -> value of every candidate whose evaluation was recorded (e.g. by a driver that was
     then killed before Ray saved its state)."""
     values = {}
-    for record in sorted(Path(candidates_dir).glob(f"*{RECORD_SUFFIX}")):
+    for record in sorted(rebased(Path(candidates_dir)).glob(f"*{RECORD_SUFFIX}")):
         index = int(record.name.split("-", 1)[0])
         values.setdefault(index, _load_value(record.with_name(record.name.removesuffix(RECORD_SUFFIX) + ".npy")))
     return values

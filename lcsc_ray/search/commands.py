@@ -33,7 +33,7 @@ def entry_point(kind: str) -> list[str]:
     return stopping.entry_point((f"lcsc-tune-{kind}", f"tune_{kind}.py"), fallback)
 
 
-def continue_command(argv: Sequence[str] | None, kind: str, name: str | None = None, storage: Path | None = None,
+def continue_command(argv: Sequence[str] | None, kind: str, name: str | None = None, storage: Path | str | None = None,
                      *, resume: bool = False) -> str:
     """The exact command that continues this search: the user's flags with absolute paths, plus `--name` and
     `--storage` of the experiment when known, and `--resume` once the experiment exists."""
@@ -47,7 +47,7 @@ def continue_command(argv: Sequence[str] | None, kind: str, name: str | None = N
     return shlex.join([*entry_point(kind), *args])
 
 
-def new_search_command(argv: Sequence[str] | None, kind: str, name: str, storage: Path, exclude_step: int) -> str:
+def new_search_command(argv: Sequence[str] | None, kind: str, name: str, storage: Path | str, exclude_step: int) -> str:
     """A new search like this one without the checkpoint at `exclude_step` (added to --exclude-steps), under a
     new --name: a resumed search keeps the selection it started with, so it cannot leave a checkpoint out."""
     args = absolute_paths(sys.argv[1:] if argv is None else argv)
@@ -78,7 +78,7 @@ def absolute_paths(argv: Sequence[str]) -> list[str]:
 def _absolute(flag: str, value: str) -> str:
     """The path `value` as an absolute path (`~` expanded, symbolic links kept as the user named them)."""
     path = Path(value).expanduser()
-    if flag == "--preset" and not path.is_file():
+    if (flag == "--preset" and not path.is_file()) or "://" in value:  # a preset's name; a storage URI
         return value
     return os.path.abspath(path)
 

@@ -138,13 +138,14 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
                    "(e.g. 0.05,0.1; a fraction of the training time); empty string for none")
     g.add_argument("--top-k", type=COUNT, default=5, help="search finalists re-scored on held-out noise")
     g.add_argument("--seed", type=SEED, default=0, help="optimizer seed")
-    g.add_argument("--scheduler", choices=("fifo", "asha"), default="fifo",
+    g.add_argument("--scheduler", choices=("fifo", "asha", "race"), default="fifo",
                    help="fifo: every trial scores all --fid-samples at once; asha: trials grow through --rounds "
-                   "and Ray Tune's ASHA stops those clearly worse than others at the same round (docs/METHOD.md, "
-                   "Multi-fidelity trials)")
+                   "and Ray Tune's ASHA stops those clearly worse than others at the same round; race: trials "
+                   "grow through --rounds and stop once worse than the best complete trial at the same round by "
+                   "more than one paired jackknife standard error (docs/METHOD.md, Multi-fidelity trials)")
     g.add_argument("--rounds", type=rounds_list, default=[],
-                   help="with --scheduler asha: sample counts after each round of a trial, comma separated, e.g. "
-                   "500,1000,2000; --fid-samples is always the last round, and counts at or above it are left out")
+                   help="with --scheduler asha or race: sample counts after each round of a trial, comma "
+                   "separated, e.g. 500,1000,2000; --fid-samples is always the last round, and counts at or above it are left out")
     g.add_argument("--candidates-per-trial", type=COUNT, default=1,
                    help="candidates the optimizer asks together and one Ray Tune trial scores, one after another "
                    "(each is told with its own score; --num-trials still counts candidates). Amortises Tune's "
@@ -159,7 +160,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g.add_argument("--reduction-factor", type=float_above(1), default=3.0,
                    help="with --scheduler asha: at each round only the best 1/factor of the trials go on")
     g = parser.add_argument_group("where and on what")
-    g.add_argument("--storage", default="lcsc_results", help="Ray Tune storage folder (shared storage on a cluster)")
+    g.add_argument("--storage", default="lcsc_results", help="Ray Tune storage folder (shared storage on a cluster), or "
+                   "a bucket URI such as 's3://bucket/prefix' for a cluster without one (docs/SCALING.md)")
     g.add_argument("--name", help="experiment name; default: lcsc-<kind>-<date-time>, or the newest one with --resume")
     g.add_argument("--out", help="folder for results.json, plots and the merged checkpoint; "
                    "default: <storage>/<name>/final")

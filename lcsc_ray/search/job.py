@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import shutil
+import tempfile
 import textwrap
 import time
 from dataclasses import dataclass, replace
@@ -30,6 +32,8 @@ from lcsc_ray.heldout import (EvalPlan, OutputAffine, cached_metrics, candidate_
 from lcsc_ray.images import write_sample_grid
 from lcsc_ray.profiles import baseline_profiles, run_ema_warmup
 from lcsc_ray.progress import progress
+from lcsc_ray.remote_storage import Mirror, RemoteStorage, is_uri
+from lcsc_ray.shipped_files import SHIPPED_KEY, local_path, pack
 from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack, available_host_bytes
 from lcsc_ray.stack_file import open_stack_file, write_stack_file
 from lcsc_ray.storage import TRIAL_BYTES, check_output_folder, existing_ancestor
@@ -112,14 +116,19 @@ def reference_stats_path(args: argparse.Namespace, run: RunInfo) -> Path:
                                   inception_weights=args.inception_weights)
 
 
-def check_no_uris(args: argparse.Namespace) -> None:
-    """Cloud storage URIs are not supported yet: a path library would turn `s3://bucket/x` into a local folder
-    named `s3:` and run the whole search there, so any URI is refused before anything runs."""
-    for flag, value in (("--storage", args.storage), ("--ckpt-dir", args.ckpt_dir), ("--out", args.out),
-                        ("--ref-stats", args.ref_stats)):
-        if value and "://" in str(value):
-            raise LcscError(f"{flag} {value}: cloud storage URIs are not supported yet; give a path every node "
-                            "sees (a shared file system), and see docs/SCALING.md for clusters")
+def check_uris(args: argparse.Namespace) -> None:
+    """Only --storage may be a URI (lcsc_ray/remote_storage.py). The inputs are read by the driver, which
+    ships what workers need through Ray (docs/SCALING.md), so they are local paths; a path library would turn
+    `s3://bucket/x` into a local folder named `s3:`, so such a URI is refused before anything runs."""
+    for flag, value in (("--ckpt-dir", args.ckpt_dir), ("--out", args.out), ("--ref-stats", args.ref_stats),
+                        ("--inception-weights", args.inception_weights)):
+        if is_uri(value):
+            raise LcscError(f"{flag} {value}: only --storage may be a URI; copy this input to the driver's disk "
+                            "and pass its path (the driver ships it to the workers; docs/SCALING.md)")
+    if is_uri(args.storage) and args.stack_file:
+        raise LcscError(f"--stack-file with --storage {args.storage}: the stack file is a memory-mapped file every "
+                        "node must see; with object storage drop --stack-file (the stack goes through Ray's object "
+                        "store)")
 
 
 def check_paths_in_ray_job(args: argparse.Namespace) -> None:
@@ -129,15 +138,21 @@ def check_paths_in_ray_job(args: argparse.Namespace) -> None:
         return
     for flag, value in (("--storage", args.storage), ("--ckpt-dir", args.ckpt_dir), ("--out", args.out),
                         ("--ref-stats", args.ref_stats), ("--inception-weights", args.inception_weights)):
-        if value and not Path(value).expanduser().is_absolute():
+        if value and not is_uri(value) and not Path(value).expanduser().is_absolute():
             raise LcscError(f"{flag} {value} is a relative path, and this search runs as a Ray Job, whose working "
                             "directory is a temporary copy of the code; give an absolute path on storage every node sees")
 
 
-def experiment_name(args: argparse.Namespace, kind: str, storage: Path) -> str:
-    """The --name, or a fresh timestamped one; with --resume and no --name the newest experiment."""
+def experiment_name(args: argparse.Namespace, kind: str, storage: Path, remote: RemoteStorage | None = None) -> str:
+    """The --name, or a fresh timestamped one; with --resume and no --name the newest experiment (in the
+    bucket for a remote --storage)."""
     if args.name:
         return args.name
+    if args.resume and remote is not None:
+        newest = remote.newest_experiment(f"lcsc-{kind}-")
+        if newest is None:
+            raise LcscError(f"--resume: no lcsc-{kind}-* experiment in {remote.uri}; pass --name and --storage of the search")
+        return newest
     if args.resume:
         existing = sorted((p for p in storage.glob(f"lcsc-{kind}-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
         if not existing:
@@ -153,10 +168,34 @@ def _resources(args: argparse.Namespace) -> dict[str, float]:
     return resources
 
 
+_MIRRORS: list[Mirror] = []  # the job's copy of a remote --storage, closed (last files sent) when it ends
+
+
 def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
-    """Run the whole LCSC job for a CM (`kind="cm"`) or DM run; returns what results.json holds."""
+    """Run the whole LCSC job for a CM (`kind="cm"`) or DM run; returns what results.json holds (and, with a
+    remote --storage, `storage`: the experiment's URI). With a remote --storage, whatever ends the job, the
+    last files of its experiment reach the bucket."""
+    try:
+        results = _run_job(argv, kind)
+    except BaseException:
+        while _MIRRORS:  # the job's own error (or stop) is what the user must see
+            _MIRRORS.pop().close()
+        raise
+    problems = [problem for problem in (mirror.close() for mirror in _MIRRORS) if problem]
+    _MIRRORS.clear()
+    if problems:
+        raise LcscError(problems[0])
+    if is_uri(results.get("storage")):
+        print(f"experiment and results copied to {results['storage']}")
+    return results
+
+
+def _run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
     args = parse_args(argv, kind)
-    check_no_uris(args)
+    check_uris(args)
+    remote = RemoteStorage(args.storage) if is_uri(args.storage) else None
+    if remote is not None:
+        remote.check()  # reachable, credentials work: one line before anything is trained, loaded or started
     check_paths_in_ray_job(args)  # before any path is resolved against the job's temporary working directory
     stopping.set_phase("the run's checks", command=lambda: continue_command(argv, kind))
     objective = SearchObjective(noise_seed=args.noise_seed, fresh_noise_every=args.fresh_noise_every,
@@ -188,11 +227,17 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
         run_config=resolved.carried_config, trust_pickle=args.trust_pickle,
     )
 
-    storage = Path(args.storage).expanduser().resolve()
-    name = experiment_name(args, kind, storage)
+    # A remote --storage is worked on in a local scratch copy that a Mirror keeps copying to the bucket
+    # (lcsc_ray/remote_storage.py); `where` is what the user passed, for every command and line printed.
+    storage = remote.scratch if remote is not None else Path(args.storage).expanduser().resolve()
+    where = args.storage if remote is not None else storage
+    name = experiment_name(args, kind, storage, remote)
+    if remote is not None:
+        remote.prepare(name, resume=args.resume)  # the bucket's copy of the experiment, or refused
+        _MIRRORS.append(Mirror(remote, name))
     manifest = check_experiment(storage, name, resume=args.resume)  # before Ray starts: fail fast, never overwrite
     stopping.set_phase(f"the checks before search {name}", command=lambda: continue_command(
-        argv, kind, name, storage, resume=(storage / name / MANIFEST).is_file()))  # --resume once it exists
+        argv, kind, name, where, resume=(storage / name / MANIFEST).is_file()))  # --resume once it exists
     keep_traces_in(storage / name)
     rounds = LcscTrial.round_schedule(args.rounds, args.fid_samples, args.scheduler)
     identity = identity_record(SearchInputs(
@@ -209,6 +254,8 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
     print("\n".join([*report.warnings, report.summary()]))  # every input checked before an experiment folder exists
     check_space(args, storage, output, report.num_params, len(files))
     spec = replace(spec, file_stamps=stamps)  # what every later reader compares
+    if remote is not None and spec.run_config is None:  # workers on other nodes cannot read run_dir/run.json
+        spec = replace(spec, run_config=run.config)
     save_run_json(resolved, storage, name)
     if args.dry_run:
         print(f"dry run: stopped before Ray; samples of the newest checkpoint: {preview}")
@@ -222,7 +269,15 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
                     dashboard_port=args.dashboard_port, quiet=args.quiet)
     if url:
         print(f"Ray dashboard: {url}")
-    payload = ray.put(load_stack(spec).to_payload()) if args.stack_via_object_store else None
+    payload = None
+    if args.stack_via_object_store or remote is not None:  # no shared disk: the stack and input files go via Ray
+        payload = load_stack(spec).to_payload()
+        if remote is not None:
+            payload[SHIPPED_KEY] = pack([spec.reference_stats, spec.inception_weights, plan.inception_weights,
+                                         (run.config.get("model") or {}).get("snapshot"),
+                                         *(stats for _, stats in plan.extractors),
+                                         *(b.file.path for b in extra_baselines(run, spec.files, args.phema or ()))])
+        payload = ray.put(payload)
 
     trainable = tune.with_parameters(LcscTrial, scoring=spec, space=space, objective=objective,
                                      num_samples=args.fid_samples, stack_payload=payload, rounds=rounds)
@@ -230,7 +285,8 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
                else " trials")
     print(f"search: {args.num_trials}{batches}, optimizer {args.optimizer}, space {space.name} (K={len(files)}), "
           f"{args.fid_samples} samples per evaluation"
-          f"{'' if len(rounds) == 1 else f' in rounds of {rounds} (ASHA stops the worse)'}; experiment {storage / name}")
+          f"{'' if len(rounds) == 1 else f' in rounds of {rounds} (ASHA stops the worse)'}; experiment "
+          f"{remote.uri_of(name) if remote is not None else storage / name}")
     if objective.describe():
         print(f"search objective: {objective.describe()}")
     print(f"live plot of the search: {storage / name / PROGRESS_PLOT} (redrawn at most every "
@@ -239,22 +295,27 @@ def run_job(argv: list[str] | None, kind: str) -> dict[str, Any]:
         trainable, space, optimizer=args.optimizer, num_trials=args.num_trials, seed=args.seed,
         warm_start=baselines, storage=storage, name=name, resume=args.resume,
         max_concurrent=args.max_concurrent, resources=_resources(args), max_failures=args.max_failures,
-        progress=not args.quiet, penalty=PENALTY_SCORE, resume_hint=continue_command(argv, kind, name, storage, resume=True),
-        new_search_hint=lambda step: new_search_command(argv, kind, name, storage, step),
+        progress=not args.quiet, penalty=PENALTY_SCORE, resume_hint=continue_command(argv, kind, name, where, resume=True),
+        new_search_hint=lambda step: new_search_command(argv, kind, name, where, step),
         scheduler=args.scheduler, rounds=rounds, reduction_factor=args.reduction_factor, objective=objective,
         candidates_per_trial=args.candidates_per_trial, identity=identity,
     )
     search_seconds = time.perf_counter() - started
-    return finish(args, table, space, baselines, steps, spec, payload, plan, output, search_seconds)
+    if remote is not None:  # what results.json and the report name: the experiment in the bucket
+        table.experiment_path = remote.uri_of(name)
+    results = finish(args, table, space, baselines, steps, spec, payload, plan, output, search_seconds,
+                     ship_back=remote is not None)
+    return {**results, "storage": remote.uri_of(name)} if remote is not None else results
 
 
 def finish(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace, baselines: dict[str, np.ndarray],
            steps: list[int], spec: ScoringSpec, payload: Any, plan: EvalPlan, output: Path,
-           search_seconds: float) -> dict[str, Any]:
+           search_seconds: float, ship_back: bool = False) -> dict[str, Any]:
     """After the search: every baseline (the run's own baseline checkpoints included), the output-rescaled
     control and the finalists re-scored on several held-out noise seeds with the searched metric and metrics
     the search never saw (the best of many noisy evaluations is biased low: docs/METHOD.md, Held-out
-    re-scoring), the table and verdict, the export, results and plots."""
+    re-scoring), the table and verdict, the export, results and plots. `ship_back`: the export's worker sends
+    its files back rather than writing them (a worker node that cannot see the driver's folders)."""
     started = time.perf_counter()
     run = spec_run(spec)
     searched_baselines = {name: row.score for name, row in table.baselines().items()}
@@ -275,7 +336,8 @@ def finish(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace
     # a stop in any phase leaves results.json, the export and its sidecar together or none of them.
     staging = staging_folder(output)
     stopping.set_phase("the export" + AFTER_SEARCH)
-    staged = export_best(best, winner, candidates, baselines, spec, payload, args, staging, metric_name, seeds[0])
+    staged = export_best(best, winner, candidates, baselines, spec, payload, args, staging, metric_name, seeds[0],
+                         ship_back=ship_back)
     exported = str(output / Path(staged).relative_to(staging))
     stopping.set_phase("the final plots" + AFTER_SEARCH)
     results = build_results(args, table, space, steps, spec, candidates, winner, best, exported, metric_name,
@@ -525,7 +587,7 @@ def print_verdict(candidates: list[ScoredCandidate], metric_name: str,
 
 def export_best(best: ScoredCandidate, winner: ScoredCandidate, candidates: list[ScoredCandidate],
                 baselines: dict[str, np.ndarray], spec: ScoringSpec, payload: Any, args: argparse.Namespace,
-                output: Path, metric_name: str, seed: int) -> str:
+                output: Path, metric_name: str, seed: int, ship_back: bool = False) -> str:
     """Export `best` in the inputs' format, with titled sample grids (`GRID_FILES`) of the winner, the newest
     checkpoint, the best baseline and the control on the first held-out noise seed beside it; returns the
     exported path."""
@@ -536,7 +598,12 @@ def export_best(best: ScoredCandidate, winner: ScoredCandidate, candidates: list
     grids.update({"control": (c.source, c.transform, c.name) for c in candidates if c.kind == "control"})
     metrics = {metric: best.mean(metric) for metric in best.heldout[0]}
     exported = ray.get(_export_candidate.options(name=f"lcsc export: {best.name}", num_cpus=args.cpus_per_trial)
-                       .remote(spec, payload, best.source, str(output / merged_name), metrics, grids, seed))
+                       .remote(spec, payload, best.source, str(output / merged_name), metrics, grids, seed, ship_back))
+    if ship_back:  # (path on the driver, {file relative to `output`: bytes})
+        exported, files = exported
+        for relative, data in files.items():
+            (output / relative).parent.mkdir(parents=True, exist_ok=True)
+            (output / relative).write_bytes(data)
     print(f"export: {best.name} in {exported_dtype(exported)} (each tensor in its checkpoints' majority dtype, "
           "else float32)")
     return exported
@@ -616,13 +683,29 @@ def _fit_affine(spec: ScoringSpec, payload: dict | None, source: Any, seed: int,
 
 @ray.remote
 def _export_candidate(spec: ScoringSpec, payload: dict | None, source: Any, out_path: str, metrics: dict,
-                      grids: dict[str, Any], seed: int) -> str:
+                      grids: dict[str, Any], seed: int, ship_back: bool = False) -> Any:
     """Export a candidate where the stack already lives (a worker), in the inputs' format (a baseline file is
     re-saved as a one-checkpoint combination), and write a sample grid (held-out noise) for each candidate in
-    `grids` next to it, so the gain can be seen."""
+    `grids` next to it, so the gain can be seen. With `ship_back` (the worker may not see `out_path`'s folder)
+    they are written to a temporary folder here and returned as (exported path, {relative path: bytes})."""
+    if ship_back:
+        folder = Path(tempfile.mkdtemp(prefix="lcsc-export-"))
+        try:
+            exported = _write_export(spec, payload, source, str(folder / Path(out_path).name), metrics, grids, seed)
+            files = {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return str(Path(out_path).parent / Path(exported).relative_to(folder)), files
+    return _write_export(spec, payload, source, out_path, metrics, grids, seed)
+
+
+def _write_export(spec: ScoringSpec, payload: dict | None, source: Any, out_path: str, metrics: dict,
+                  grids: dict[str, Any], seed: int) -> str:
+    """`_export_candidate`'s files, written on this worker at `out_path` and beside it."""
     scorer = cached_scorer(spec, payload)
     if isinstance(source, ExtraBaseline):
-        single = CheckpointStack.from_files([source.file], ckpt_key=source.ckpt_key, trust_pickle=spec.trust_pickle)
+        file = replace(source.file, path=Path(local_path(scorer.shipped, source.file.path)))  # shipped_files.py
+        single = CheckpointStack.from_files([file], ckpt_key=source.ckpt_key, trust_pickle=spec.trust_pickle)
         exported = export_merged(single, np.ones(1), out_path, metrics=metrics)
     else:
         exported = export_merged(scorer.stack, source, out_path, metrics=metrics)

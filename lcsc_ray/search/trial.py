@@ -12,10 +12,12 @@ Three outcomes, kept apart because each needs different handling:
 
 `LcscTrial` is a class trainable with one `step` per round of samples (a function trainable's result polling
 costs more than a demo evaluation); `reset_config` lets Tune reuse the actor, and with it the cached scorer.
-With `--scheduler fifo` a trial is one round of `--fid-samples` samples. With `--scheduler asha` it grows
-through `--rounds` (the same fixed noise, only the new samples generated each round) and reports after each,
-so Tune's scheduler can stop it; every round's `score` is on the full-fidelity scale (`comparable_score`,
-docs/METHOD.md "Multi-fidelity trials"), and that is what the optimizer is told when a trial is stopped.
+With `--scheduler fifo` a trial is one round of `--fid-samples` samples. With `--scheduler asha` or `race` it
+grows through `--rounds` (the same fixed noise, only the new samples generated each round) and reports after
+each, so Tune's scheduler can stop it; every round's `score` is on the full-fidelity scale (`comparable_score`,
+docs/METHOD.md "Multi-fidelity trials"), and that is what the optimizer is told when a trial is stopped. Each
+round before the last also reports its delete-a-block distances (`fd_leave_out`) and their jackknife
+standard error (`score_se`), which the race's bound uses.
 With `--candidates-per-trial` > 1 (fifo only) one step scores a batch of candidates, each recorded as it is
 scored and reported under `batch` (docs/METHOD.md "Batched trials"). The search noise of a candidate and the
 score it tells come from its `SearchObjective` (lcsc_ray/search/objective.py).
@@ -46,6 +48,8 @@ INPUT_ERROR_KEY = "lcsc_input_error"
 INPUT_ERROR_REPEAT_S = 1.0  # pause before reporting a known input error again while the driver stops the search
 JACKKNIFE_BLOCKS = 8  # delete-a-block distances per round of a multi-fidelity trial, for the 1/n extrapolation
 FULL_FIDELITY_KEY = "full_fidelity"  # True once a trial scored all --fid-samples samples
+SCORE_SE_KEY = "score_se"  # jackknife standard error of a round's distance, before the last round
+LEAVE_OUT_KEY = "fd_leave_out"  # a round's delete-a-block distances, before the last round (the race pairs them)
 
 
 def round_schedule(rounds: Sequence[int] | None, fid_samples: int, scheduler: str) -> tuple[int, ...]:
@@ -72,6 +76,14 @@ def comparable_score(result: EvalResult, full_samples: int) -> float:
     if result.num_samples >= full_samples or result.extrapolated is None:
         return float(result.score)
     return float(result.extrapolated + result.slope / full_samples)
+
+
+def jackknife_se(leave_out: Sequence[float] | np.ndarray) -> float:
+    """The delete-a-block jackknife standard error of a distance from its B leave-a-block-out values:
+    sqrt((B-1)/B · Σ (FD₋b − mean)²). On the digits CM demo it bounds the error of the round's comparable
+    score against the measured full-sample distance (docs/METHOD.md, "Racing against the incumbent")."""
+    values = np.asarray(leave_out, dtype=np.float64)
+    return float(np.sqrt((len(values) - 1) / len(values) * np.sum((values - values.mean()) ** 2)))
 
 
 def _failure(report: dict, error: Exception) -> dict:
@@ -231,6 +243,8 @@ class LcscTrial(tune.Trainable):
                                     penalty=self.objective.penalty(alpha), final=final))
         if result.extrapolated is not None:
             report.update(fd_extrapolated=result.extrapolated, fd_slope=result.slope)
+        if result.leave_out and not final:  # what `--scheduler race` bounds the comparable score with
+            report.update({SCORE_SE_KEY: jackknife_se(result.leave_out), LEAVE_OUT_KEY: list(result.leave_out)})
         return report
 
     def reset_config(self, new_config: dict) -> bool:

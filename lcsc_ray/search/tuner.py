@@ -48,6 +48,7 @@ from lcsc_ray.search.ray_compat import (ActorKeepingScheduler, allow_pending_tri
                                         interrupt_tune_run, json_trial_logs_only, let_driver_handle_sigint,
                                         run_config_of, watch_tune_stop)
 from lcsc_ray.search.searcher import LcscNevergradSearch, load_searcher
+from lcsc_ray.search.trial import FULL_FIDELITY_KEY, LEAVE_OUT_KEY, SCORE_SE_KEY, jackknife_se
 from search_spaces.spaces import CoefficientSpace
 
 MANIFEST = "lcsc_search.json"
@@ -56,6 +57,8 @@ SET_ASIDE = re.compile(r"^(damaged|budget)-\d{8}-\d{6}$")  # Ray files of an ear
 EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 TIME_ATTR = "num_samples"  # what ASHA's rungs count: samples a trial has scored so far
+SCHEDULERS = ("fifo", "asha", "race")  # --scheduler
+RACE_Z = 1.0  # paired standard errors by which a round must be worse than the incumbent's to stop (METHOD.md)
 TUNE_KEYS = frozenset(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag"}  # Tune's bookkeeping, not the trial's
 
 
@@ -181,6 +184,8 @@ def run_search(
     scheduler: str = "fifo",
     rounds: Sequence[int] = (),
     reduction_factor: float = 3.0,
+    race_z: float = RACE_Z,
+    race_pair: bool = True,
     objective: SearchObjective = SearchObjective(),
     candidates_per_trial: int = 1,
     identity: Mapping[str, Any] | None = None,
@@ -197,7 +202,10 @@ def run_search(
     `resources` is the per-trial request, e.g. {"cpu": 1, "gpu": 0.5}. Ray must already be initialised
     (or is started locally by Tune). `scheduler` "asha" stops trials between the `rounds` (sample counts the
     trainable reports as `num_samples`; `trial.round_schedule`) that score worse than all but the best
-    1/`reduction_factor` of the trials that reached the same round; "fifo" runs every trial to its end.
+    1/`reduction_factor` of the trials that reached the same round; "race" stops those worse than the best
+    complete trial at the same round by more than `race_z` paired jackknife standard errors (`race_pair`
+    False: their own score minus `race_z` standard errors above its full score; `RaceScheduler`); "fifo"
+    runs every trial to its end.
     `objective` is what the trainable tells besides the distance (noise per generation, coefficient penalty);
     it is recorded so that a resume with other values is refused. `candidates_per_trial` > 1 has each Tune
     trial evaluate that many candidates asked together (full fidelity only): `num_trials` still counts
@@ -207,7 +215,8 @@ def run_search(
     same before Ray starts).
     """
     exp_dir = _experiment_dir(storage, name)
-    trial_scheduler = build_scheduler(scheduler, rounds, reduction_factor, keep_actors=max_concurrent)
+    trial_scheduler = build_scheduler(scheduler, rounds, reduction_factor, keep_actors=max_concurrent, race_z=race_z,
+                                      race_pair=race_pair)
     check_batching(candidates_per_trial, scheduler)
     manifest = check_experiment(storage, name, resume=resume)
     check_ray_version()
@@ -311,15 +320,107 @@ class KeepingASHAScheduler(ActorKeepingScheduler, ASHAScheduler):
     """Tune's ASHA scheduler that keeps one actor per concurrent trial between trials (`keep_trial_actors`)."""
 
 
-def build_scheduler(name: str, rounds: Sequence[int], reduction_factor: float, keep_actors: int = 1) -> TrialScheduler:
-    """Tune's scheduler for `--scheduler`: FIFO (every trial runs to its end) or ASHA, asynchronous successive
+class RaceScheduler(FIFOScheduler):
+    """Racing against the incumbent, the best trial measured at full fidelity so far. A trial's round before
+    its last is stopped when its comparable score (the distance predicted at full fidelity) is above the
+    incumbent's comparable score at the same round by more than `z` jackknife standard errors of that paired
+    difference: d = score − score_inc(n), SE from the B differences of their delete-a-block distances (all
+    trials share the search noise, so sample n of both is drawn from the same noise and whatever that draw
+    does to the prediction cancels in d). Where the incumbent has no report at that round (another schedule,
+    `pair` False) the bound is unpaired: score − z · `score_se` above the incumbent's full score. A trial not
+    clearly worse runs on; one that finishes better than the incumbent replaces it. Until a trial has
+    finished there is nothing to race against, so the first trial runs to the end.
+    docs/METHOD.md, "Racing against the incumbent".
+
+    `stopped` counts the trials stopped, `incumbent` is the best full-fidelity score seen. A resumed search
+    gets the scheduler as it was created (Tune keeps it in tuner.pkl), so it races again from the first trial
+    that finishes after the resume: less saving until then, never a wrong stop."""
+
+    def __init__(self, z: float = RACE_Z, pair: bool = True) -> None:
+        super().__init__()
+        if not z >= 0:
+            raise LcscError(f"race confidence z {z}: must be at least 0")
+        self.z, self.pair = float(z), bool(pair)
+        self.incumbent = float("inf")
+        self.stopped = 0
+        self._metric = "score"
+        self._rounds: dict[Any, dict[int, tuple[float, np.ndarray]]] = {}  # running trials' rounds so far
+        self._incumbent_rounds: dict[int, tuple[float, np.ndarray]] = {}  # samples → (score, delete-a-block)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        if mode not in (None, "min"):
+            return False  # the race compares distances: lower is better
+        self._metric = metric or self._metric
+        return True
+
+    @staticmethod
+    def _key(trial: Any, result: dict) -> Any:
+        return result.get("trial_id", getattr(trial, "trial_id", id(trial)))
+
+    def _complete(self, trial: Any, result: dict | None) -> None:
+        """A full-fidelity score becomes the incumbent when it is the best so far (not a failure's penalty)."""
+        result = result or {}
+        rounds = self._rounds.pop(self._key(trial, result), {})
+        score = result.get(self._metric)
+        if (score is not None and not result.get("failed") and result.get(FULL_FIDELITY_KEY, True)
+                and float(score) < self.incumbent):
+            self.incumbent, self._incumbent_rounds = float(score), rounds
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        """Tune hands a trial's last result (`done`) here, not to `on_trial_result`."""
+        self._complete(trial, result)
+        super().on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self._rounds.pop(getattr(trial, "trial_id", id(trial)), None)
+        super().on_trial_remove(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        score = result.get(self._metric)
+        if score is None or result.get("failed"):
+            return TrialScheduler.CONTINUE
+        if result.get(FULL_FIDELITY_KEY, True):
+            self._complete(trial, result)
+            return TrialScheduler.CONTINUE
+        leave_out = result.get(LEAVE_OUT_KEY)
+        leave_out = None if leave_out is None else np.asarray(leave_out, dtype=np.float64)
+        samples = int(result.get(TIME_ATTR, 0))
+        self._rounds.setdefault(self._key(trial, result), {})[samples] = (float(score), leave_out)
+        if self.stopped_by_bound(float(score), samples, leave_out, result.get(SCORE_SE_KEY)):
+            self.stopped += 1
+            self._rounds.pop(self._key(trial, result), None)
+            return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+    def stopped_by_bound(self, score: float, samples: int, leave_out: np.ndarray | None, se: float | None) -> bool:
+        """The rule (class docstring): True when the round is clearly worse than the incumbent."""
+        paired = self._incumbent_rounds.get(samples) if self.pair else None
+        if paired is not None and leave_out is not None and paired[1] is not None and len(paired[1]) == len(leave_out):
+            return score - paired[0] - self.z * jackknife_se(leave_out - paired[1]) > 0
+        return se is not None and score - self.z * float(se) > self.incumbent
+
+    def debug_string(self) -> str:
+        return f"Race (z={self.z}): incumbent {self.incumbent:.4g}, {self.stopped} trials stopped"
+
+
+class KeepingRaceScheduler(ActorKeepingScheduler, RaceScheduler):
+    """The race scheduler that keeps one actor per concurrent trial between trials (`keep_trial_actors`)."""
+
+
+def build_scheduler(name: str, rounds: Sequence[int], reduction_factor: float, keep_actors: int = 1,
+                    race_z: float = RACE_Z, race_pair: bool = True) -> TrialScheduler:
+    """Tune's scheduler for `--scheduler`: FIFO (every trial runs to its end), ASHA, asynchronous successive
     halving over the sample count (`num_samples`, the trainable's time attribute): rungs at the first round
-    and every `reduction_factor` times more samples, up to the last round. With one round, FIFO. Either keeps
-    `keep_actors` trial actors (the concurrency) alive between trials, so each next trial reuses one."""
-    if name not in ("asha", "fifo"):
-        raise LcscError(f"unknown --scheduler {name!r}; use asha or fifo")
+    and every `reduction_factor` times more samples, up to the last round, or race (`RaceScheduler`: stop a
+    round clearly worse than the best complete trial's same round). With one round,
+    FIFO. Each keeps `keep_actors` trial actors (the concurrency) alive between trials, so each next trial
+    reuses one."""
+    if name not in SCHEDULERS:
+        raise LcscError(f"unknown --scheduler {name!r}; use {', '.join(SCHEDULERS)}")
     if name == "fifo" or len(rounds) < 2:  # one round: nothing to stop between rounds
         scheduler = KeepingFIFOScheduler()
+    elif name == "race":
+        scheduler = KeepingRaceScheduler(z=race_z, pair=race_pair)
     elif reduction_factor <= 1:
         raise LcscError(f"--reduction-factor {reduction_factor}: must be above 1 (keep the best 1/factor per round)")
     else:
