@@ -17,12 +17,15 @@ import urllib.request
 import ray
 
 from lcsc_ray import stopping
+from lcsc_ray.stack import available_host_bytes
 from lcsc_ray.search.ray_compat import driver_keeps_sigterm_handler, tune_actor_env_vars, tune_actors_use_idle_workers
 
 LOOPBACK_HOSTS = {"localhost"}
 # What a trial's worker imports before it can score: torch, Tune's trainable, the scorer, the model registry and
 # the demo's feature extractor. A local cluster's idle workers import them as they start (`start_ray`).
 TRIAL_MODULES = ("lcsc_ray.search.trial", "lcsc_ray.models", "lcsc_ray.run_formats", "lcsc_ray.features.digits")
+PRELOAD_BYTES_PER_WORKER = 400 << 20  # an idle worker with them imported: 375 MiB of its own (USS), measured
+PRELOAD_MEMORY_SHARE = 0.1  # of the available memory, the most all of a node's preloaded idle workers may hold
 
 
 def is_loopback(host: str) -> bool:
@@ -50,9 +53,9 @@ def start_ray(
 
     A local cluster gets no job runtime environment: its workers inherit the driver's environment, where
     that variable is set, and Ray starts one idle worker per CPU at `ray.init` that imports `TRIAL_MODULES`
-    at once (Ray's `preload_python_modules`). A trial's actor then takes one of those workers
-    (`ray_compat.tune_actors_use_idle_workers`) instead of starting a process and importing torch and our
-    modules between Tune's start and the first trial (2-4 s on a small machine). Ray only hands an actor an
+    at once where that fits in memory (Ray's `preload_python_modules`, `preload_fits`). A trial's actor then
+    takes one of those workers (`ray_compat.tune_actors_use_idle_workers`) instead of starting a process and
+    importing torch and our modules between Tune's start and the first trial (2-4 s on a small machine). Ray only hands an actor an
     idle worker whose runtime environment is the default one, so setting the variable through a runtime
     environment, as for an existing cluster, ruled that out.
     """
@@ -100,12 +103,21 @@ def start_ray(
     return url
 
 
+def preload_fits(num_cpus: int, available_bytes: int | None) -> bool:
+    """Whether Ray's idle workers may import `TRIAL_MODULES` as they start: Ray starts one per CPU, and each
+    then holds about `PRELOAD_BYTES_PER_WORKER` of its own, so only where all of them together take at most
+    `PRELOAD_MEMORY_SHARE` of the memory available (a small machine; a 64-core node would spend ~24 GiB)."""
+    return available_bytes is not None and num_cpus * PRELOAD_BYTES_PER_WORKER <= PRELOAD_MEMORY_SHARE * available_bytes
+
+
 def local_system_config() -> dict[str, object]:
-    """Ray's settings for a local cluster `start_ray` starts: its workers import `TRIAL_MODULES` as they start,
-    and run at the driver's priority (Ray runs them at niceness 15 by default: on a machine shared with other
-    jobs a trial then gets less CPU than the same work in a plain loop at the user's priority;
-    `RAY_worker_niceness` in the environment still sets it)."""
-    config: dict[str, object] = {"preload_python_modules": list(TRIAL_MODULES)}
+    """Ray's settings for a local cluster `start_ray` starts: its workers import `TRIAL_MODULES` as they start
+    where that fits in memory (`preload_fits`), and run at the driver's priority (Ray runs them at niceness
+    15 by default: on a machine shared with other jobs a trial then gets less CPU than the same work in a
+    plain loop at the user's priority; `RAY_worker_niceness` in the environment still sets it)."""
+    config: dict[str, object] = {}
+    if preload_fits(len(os.sched_getaffinity(0)), available_host_bytes()):  # Ray starts one idle worker per CPU
+        config["preload_python_modules"] = list(TRIAL_MODULES)
     if "RAY_worker_niceness" not in os.environ:
         config["worker_niceness"] = 0
     return config
