@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import pyarrow.fs as pafs
 
@@ -174,8 +174,8 @@ class RemoteStorage:
                 continue
             target = self.scratch / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            with self.filesystem.open_input_stream(info.path) as stream:
-                target.write_bytes(stream.read())
+            with self.filesystem.open_input_stream(info.path) as stream, open(target, "wb") as sink:
+                _copy(stream, sink)  # a partial copy is wiped by the next `prepare`, as the whole folder is
 
 
 _ACTIVE: list["Mirror"] = []  # the driver's open mirrors (one per job)
@@ -295,9 +295,14 @@ class Mirror:
         except FileNotFoundError:  # replaced or removed meanwhile: the next sync sees what is there
             return
         with source, self.storage.filesystem.open_output_stream(self._remote(path)) as stream:
-            while chunk := source.read(UPLOAD_CHUNK):  # an export of many GiB never sits in memory whole
-                stream.write(chunk)
+            _copy(source, stream)
         self._sent[path] = signature
+
+
+def _copy(source: BinaryIO, sink: BinaryIO) -> None:
+    """Copy in `UPLOAD_CHUNK` pieces, so an export of many GiB never sits in memory whole."""
+    while chunk := source.read(UPLOAD_CHUNK):
+        sink.write(chunk)
 
 
 def _signature(path: Path) -> tuple[int, int]:
