@@ -21,12 +21,13 @@ the driver and on every node.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
 import threading
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -62,9 +63,20 @@ def child_uri(uri: str, *parts: str) -> str:
 
 
 @lru_cache(maxsize=8)
-def _filesystem(base_with_query: str) -> tuple[pafs.FileSystem, str]:
-    """One file system object per URI and process (an S3 client is not free to build)."""
-    return pafs.FileSystem.from_uri(base_with_query)
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(file system, path) of `uri`, one file system object per URI and process (an S3 client is not free to
+    build). Every file system object this module makes lives here, so that `_release_filesystems` can drop
+    them all."""
+    return pafs.FileSystem.from_uri(uri)
+
+
+@atexit.register
+def _release_filesystems() -> None:
+    """At exit, destroy this process's file system objects while the S3 SDK still runs: pyarrow shuts the SDK
+    down in its own exit hook, and an S3 client destroyed after that (by the interpreter's module teardown)
+    crashes the process now and then with a segmentation fault. Exit hooks run last-registered first, and
+    pyarrow registered its hook when this module imported `pyarrow.fs`, so this one runs before it."""
+    _filesystem.cache_clear()
 
 
 def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -99,10 +111,10 @@ class RemoteStorage:
 
     uri: str
 
-    @cached_property
+    @property
     def _fs(self) -> tuple[pafs.FileSystem, str]:
         try:
-            return pafs.FileSystem.from_uri(self.uri)
+            return _filesystem(self.uri)
         except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a bad URI
             raise LcscError(f"--storage {self.uri}: not a storage URI pyarrow can open ({_first_line(error)}); "
                             f"{_FIX}") from None

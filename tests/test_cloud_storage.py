@@ -178,3 +178,27 @@ def test_mirror_copies_an_experiment_to_the_bucket_and_a_resume_gets_it_back(buc
     assert (local / "lcsc_search.json").read_text() == "{}" and (local / "candidates" / "r.result.json").is_file()
     with pytest.raises(LcscError, match="no experiment nope in s3://"):
         storage.prepare("nope", resume=True)
+
+
+def test_s3_clients_are_gone_before_pyarrow_shuts_the_sdk_down_at_exit(bucket):
+    """An S3 client destroyed after pyarrow's exit hook has shut the AWS SDK down crashes the interpreter now
+    and then (a test run once ended in a segmentation fault after every test had passed). The hook below is
+    registered after pyarrow's and before the module's own, so it runs between the two: at that moment the
+    process may hold no S3 client any more."""
+    script = f"""
+import atexit, sys
+import pyarrow.fs
+def just_before_pyarrow_finalizes():
+    from lcsc_ray import remote_storage
+    print("clients left:", remote_storage._filesystem.cache_info().currsize, flush=True)
+atexit.register(just_before_pyarrow_finalizes)
+from lcsc_ray.remote_storage import RemoteStorage, read_object, write_object
+storage = RemoteStorage({bucket.uri("exit")!r})
+storage.check()
+write_object(storage.uri_of("x"), b"1")
+assert read_object(storage.uri_of("x")) == b"1"
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=with_credentials(dict(os.environ)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "clients left: 0" in done.stdout, done.stdout + done.stderr
