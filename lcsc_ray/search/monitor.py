@@ -55,18 +55,22 @@ class SearchMonitor(tune.Callback):
         self.unfinished: int | None = None  # trials neither completed nor errored when the run ended
         self.completed = 0  # trials that reported their final score (this run's and restored ones)
         self.errored = 0  # trials that ended in ERROR (retries used up, or Tune gave up on them)
+        self._counted: set[str] | None = None  # ids of the trials in `completed`; None until the first event
+        self._best: float | None = None  # best score below the penalty among them
+        self._failed = 0  # of them, candidates that failed (penalised)
         self._started = time.monotonic()
-        self._done_at_start: int | None = None
+        self._done_at_start = 0
         self._last_print = 0.0
         self._metrics: tuple | None = None
         self._last_plot = float("-inf")
         self._plotter: threading.Thread | None = None
 
     def __getstate__(self) -> dict:
-        """Tune pickles its run config (tuner.pkl); metric handles, clocks and threads belong to one process."""
-        return {**self.__dict__, "_metrics": None, "_done_at_start": None, "_started": time.monotonic(),
-                "input_error": None, "unfinished": None, "completed": 0, "_last_plot": float("-inf"),
-                "_plotter": None, "_last_storage_check": float("-inf")}
+        """Tune pickles its run config (tuner.pkl); metric handles, clocks, threads and counts belong to one
+        process (a resumed run counts its restored trials afresh)."""
+        return {**self.__dict__, "_metrics": None, "_counted": None, "_best": None, "_failed": 0,
+                "_done_at_start": 0, "_started": time.monotonic(), "input_error": None, "unfinished": None,
+                "completed": 0, "_last_plot": float("-inf"), "_plotter": None, "_last_storage_check": float("-inf")}
 
     def metrics(self) -> tuple[metrics.Gauge, metrics.Gauge, metrics.Gauge, metrics.Histogram]:
         """(best score, completed trials, failed trials gauges; stage seconds histogram), created on first use."""
@@ -85,16 +89,32 @@ class SearchMonitor(tune.Callback):
             self._metrics = (best, completed, failed, stage)
         return self._metrics
 
-    def progress(self, done: list[Trial]) -> tuple[float | None, float | None]:
-        """(best score or None, ETA seconds or None) from the done trials of the list Tune keeps, so the
-        numbers stay right across a resume (restored trials are in the list)."""
-        scores = [t.last_result[self.metric] for t in done if t.last_result[self.metric] < self.penalty]
-        if self._done_at_start is None:
-            self._done_at_start = len(done)
-        new = len(done) - self._done_at_start
+    def _count(self, trial: Trial) -> None:
+        """Add one trial that reported its final score to the running counts (once per trial)."""
+        if trial.trial_id in self._counted:
+            return
+        self._counted.add(trial.trial_id)
+        self.completed = len(self._counted)
+        score = trial.last_result[self.metric]
+        if score < self.penalty and (self._best is None or score < self._best):
+            self._best = score
+        self._failed += bool(trial.last_result.get("failed"))
+
+    def _start_counting(self, trials: list[Trial]) -> None:
+        """At the first event of this run: count the trials already done (restored by a resume), the one pass
+        over Tune's trial list; each completion after it adds its own trial, so the driver's cost per decision
+        does not grow with the length of the search."""
+        if self._counted is None:
+            self._counted = set()
+            for done in self._done(trials, None):
+                self._count(done)
+            self._done_at_start = self.completed
+
+    def eta(self) -> float | None:
+        """Seconds to the last trial at this run's rate of completions (None before the first)."""
+        new = self.completed - self._done_at_start
         rate = new / (time.monotonic() - self._started) if new > 0 else 0.0
-        eta = (self.num_trials - len(done)) / rate if rate > 0 else None
-        return (min(scores) if scores else None), eta
+        return (self.num_trials - self.completed) / rate if rate > 0 else None
 
     def _done(self, trials: list[Trial], completing: Trial | None) -> list[Trial]:
         """The trials that reported their final score. `completing` is the trial whose completion is being
@@ -102,17 +122,18 @@ class SearchMonitor(tune.Callback):
         return [t for t in trials if (t.status == Trial.TERMINATED or t is completing)
                 and t.last_result and self.metric in t.last_result]
 
-    def plot_progress(self, done: list[Trial], *, final: bool = False) -> None:
+    def plot_progress(self, trials: list[Trial], *, final: bool = False) -> None:
         """Redraw `progress.png` from a daemon thread unless one is still drawing or the last one started
         less than `PROGRESS_PLOT_EVERY_S` ago; `final` (the run's end) draws the last state and waits for it,
-        at most `PLOT_WAIT_S` each time: a slow figure must never hold up the end of a search or its stop."""
+        at most `PLOT_WAIT_S` each time: a slow figure must never hold up the end of a search or its stop.
+        Only a figure to draw passes over Tune's trial list."""
         busy = self._plotter is not None and self._plotter.is_alive()
         now = time.monotonic()
         if not final and (busy or now - self._last_plot < PROGRESS_PLOT_EVERY_S):
             return
         if busy:
             self._plotter.join(timeout=PLOT_WAIT_S)
-        done = sorted(done, key=lambda t: t.config.get(INDEX_KEY, 0))
+        done = sorted(self._done(trials, None), key=lambda t: t.config.get(INDEX_KEY, 0))
         if not done:
             return
         labels = [str(t.config.get(LABEL_KEY, "")) for t in done]
@@ -130,29 +151,29 @@ class SearchMonitor(tune.Callback):
             self._plotter.join(timeout=PLOT_WAIT_S)
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        if self._done_at_start is None:
-            self.progress(self._done(trials, None))
+        self._start_counting(trials)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
-        finished = self._done(trials, trial)  # one pass over the trial list per completion
-        done = self.completed = len(finished)  # kept current for the line of a stop that ends the driver early
-        best, eta = self.progress(finished)
-        self.plot_progress(finished)
+        self._start_counting(trials)
+        if trial.last_result and self.metric in trial.last_result:
+            self._count(trial)  # kept current for the line of a stop that ends the driver early
+        self.plot_progress(trials)
         best_gauge, completed_gauge, failed_gauge, stage_histogram = self.metrics()
-        completed_gauge.set(done)
-        failed_gauge.set(sum(bool(t.last_result.get("failed")) for t in finished))
-        if best is not None:
-            best_gauge.set(best)
+        completed_gauge.set(self.completed)
+        failed_gauge.set(self._failed)
+        if self._best is not None:
+            best_gauge.set(self._best)
         for key, value in (trial.last_result or {}).items():
             if key.startswith("time_") and key not in AUTO_RESULT_KEYS:  # our stages, not Tune's clocks
                 stage_histogram.observe(float(value), tags={"stage": key[5:]})
         now = time.monotonic()
-        if self.echo and (now - self._last_print >= self.print_every_s or done >= self.num_trials):
+        if self.echo and (now - self._last_print >= self.print_every_s or self.completed >= self.num_trials):
             self._last_print = now
-            best_text = "-" if best is None else f"{best:.4f}"
+            eta = self.eta()
+            best_text = "-" if self._best is None else f"{self._best:.4f}"
             eta_text = "-" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta))
-            print(f"[lcsc] {self.experiment}: {done}/{self.num_trials} trials, best {self.metric} {best_text}, "
-                  f"ETA {eta_text}", flush=True)
+            print(f"[lcsc] {self.experiment}: {self.completed}/{self.num_trials} trials, best {self.metric} "
+                  f"{best_text}, ETA {eta_text}", flush=True)
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         if INPUT_ERROR_KEY in result:
@@ -176,9 +197,8 @@ class SearchMonitor(tune.Callback):
             self.stop_for(f"storage {problem}")
 
     def on_experiment_end(self, trials: list[Trial], **info) -> None:
-        finished = self._done(trials, None)
-        self.completed = len(finished)
+        self.completed = len(self._done(trials, None))
         self.unfinished = sum(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials)
         self.errored = sum(t.status == Trial.ERROR for t in trials)
-        self.plot_progress(finished, final=True)
+        self.plot_progress(trials, final=True)
 
