@@ -31,7 +31,7 @@ from lcsc_ray.search.candidates import load_record
 from lcsc_ray.search.flags import parse_args
 from lcsc_ray.search.trial import FULL_FIDELITY_KEY, PENALTY_SCORE, LcscTrial, comparable_score, round_schedule
 from lcsc_ray.search.ray_compat import ActorKeepingScheduler
-from lcsc_ray.search.tuner import KeepingFIFOScheduler, build_scheduler, run_search
+from lcsc_ray.search.tuner import KeepingFIFOScheduler, RaceScheduler, build_scheduler, run_search
 from lcsc_ray.statistics import RunningStats
 from lcsc_ray.search.objective import SearchObjective
 from search_spaces.spaces import build_space
@@ -212,6 +212,28 @@ def test_race_pairs_a_round_with_the_incumbents_same_round():
     # no incumbent report at this sample count: the unpaired bound
     assert scheduler.on_trial_result(None, None, result("d", 43.0, samples=ROUNDS[1])) == "STOP"
     assert scheduler.stopped == 2
+
+
+def test_a_resumed_race_takes_the_best_restored_trial_as_its_incumbent():
+    """Tune adds a resumed search's finished trials to the scheduler before any new one: the best full-fidelity
+    score among them (not a penalty, not a stopped trial's prediction) is raced against from the start."""
+    from ray.tune.experiment import Trial
+
+    def restored(score: float, **extra) -> Trial:
+        trial = Trial("lcsc_trial", config={}, stub=True)
+        trial.update_last_result({"score": score, FULL_FIDELITY_KEY: True, **extra})
+        trial.set_status(Trial.TERMINATED)
+        return trial
+
+    scheduler = RaceScheduler(z=2.0)  # without the actor keeping, which needs Tune's controller
+    pending = Trial("lcsc_trial", config={}, stub=True)
+    for trial in (restored(41.0), restored(20.0, failed=True), restored(10.0, **{FULL_FIDELITY_KEY: False}),
+                  restored(40.0), pending):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.incumbent == 40.0
+    unpaired = {"score": 45.0, "score_se": 2.0, "num_samples": ROUNDS[0], FULL_FIDELITY_KEY: False,
+                "fd_leave_out": [45.0] * 8}  # the incumbent's rounds were not kept: the unpaired bound
+    assert scheduler.on_trial_result(None, pending, unpaired) == "STOP"
 
 
 def test_race_search_stops_the_trials_clearly_worse_than_the_incumbent(local_ray, tiny_setup, tmp_path):

@@ -32,6 +32,7 @@ import numpy as np
 from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.logger import JsonLoggerCallback
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from lcsc_ray import stopping
@@ -333,8 +334,9 @@ class RaceScheduler(FIFOScheduler):
     docs/METHOD.md, "Racing against the incumbent".
 
     `stopped` counts the trials stopped, `incumbent` is the best full-fidelity score seen. A resumed search
-    gets the scheduler as it was created (Tune keeps it in tuner.pkl), so it races again from the first trial
-    that finishes after the resume: less saving until then, never a wrong stop."""
+    gets the scheduler as it was created (Tune keeps it in tuner.pkl), and Tune adds the restored trials to
+    it first: the best finished one becomes the incumbent again, raced unpaired (its rounds were not kept)
+    until a trial finishes better."""
 
     def __init__(self, z: float = RACE_Z, pair: bool = True) -> None:
         super().__init__()
@@ -370,6 +372,12 @@ class RaceScheduler(FIFOScheduler):
         """Tune hands a trial's last result (`done`) here, not to `on_trial_result`."""
         self._complete(trial, result)
         super().on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        """A resume adds the trials that finished before it too: the best of them is the incumbent."""
+        if getattr(trial, "status", None) == Trial.TERMINATED and trial.last_result:
+            self._complete(trial, trial.last_result)
+        super().on_trial_add(tune_controller, trial)
 
     def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
         self._rounds.pop(getattr(trial, "trial_id", id(trial)), None)
