@@ -19,6 +19,8 @@ around a trainable that does nothing, at 1, 2, 4, 8, 16 and 32 concurrent trials
 and batched, printed as a curve with each rate's ratio to the 1-concurrent rate (target >= 50 per second at
 8 and 32), and around a trainable that does a real demo trial's bookkeeping without its scoring (`BookkeepingTrial`: the candidate file read,
 the store's record read and written, the same report) at 8 concurrent trials (target >= 20 per second).
+`--long-trials N` adds the do-nothing rate along one search of N candidates at 8 concurrent trials, by
+quarter: whether the driver's cost per decision grows with the length of the search.
 
 How the ceiling is measured: the trials do nothing, so they need no CPU of their own; each asks for
 `--ceiling-cpus` (default 0.01) of a CPU, so 32 of them fit on a 2-core machine and the core count does not
@@ -154,6 +156,26 @@ def driver_ceiling(space, storage: str, *, trials: int, batch: int, cpus: float,
     return {concurrent: ceiling_point(TrivialTrial, space, storage, trials=trials, batch=batch, concurrent=concurrent,
                                       cpus=cpus, name=f"ceiling-{concurrent}-{batch}")
             for concurrent in concurrency}
+
+
+def rates_along(finished: list[float], started: list[float], parts: int = 4) -> list[float]:
+    """Candidates per second in each of `parts` consecutive slices of the completions after the last actor
+    started: whether the driver slows down as the search grows (its trial list, the store, the optimizer)."""
+    times = sorted(t for t in finished if t > max(started))
+    bounds = np.linspace(0, len(times) - 1, parts + 1).round().astype(int)
+    return [(b - a) / (times[b] - times[a]) for a, b in zip(bounds, bounds[1:]) if times[b] > times[a]]
+
+
+def long_search_report(space, storage: str, args: argparse.Namespace) -> None:
+    """The do-nothing search's rate along one long search at `BOOKKEEPING_CONCURRENCY` concurrent trials."""
+    table = run_search(TrivialTrial, space, optimizer="CMA", num_trials=args.long_trials, seed=0, storage=storage,
+                       name="long", max_concurrent=BOOKKEEPING_CONCURRENCY, resources={"cpu": args.ceiling_cpus},
+                       progress=False)
+    rates = rates_along([row.metrics[FINISHED_KEY] for row in table.rows],
+                        [row.metrics[STARTED_KEY] for row in table.rows])
+    print(f"along one search of {args.long_trials} candidates, {BOOKKEEPING_CONCURRENCY} concurrent trials that do "
+          f"nothing, by quarter: " + ", ".join(f"{rate:.1f}/s" for rate in rates)
+          + f"; last quarter / first quarter {rates[-1] / rates[0]:.2f}x")
 
 
 def print_curve(title: str, curve: dict[int, tuple[float, float | None]], target: float) -> None:
@@ -388,6 +410,8 @@ def main() -> None:
     parser.add_argument("--ceiling-trials", type=int, default=400, help="candidates per point of the ceiling curve")
     parser.add_argument("--ceiling-cpus", type=float, default=0.01, help="CPUs each do-nothing trial asks for")
     parser.add_argument("--ceiling-only", action="store_true", help="only the driver's ceiling and bookkeeping rates")
+    parser.add_argument("--long-trials", type=int, default=0,
+                        help="also measure the do-nothing rate along one search of this many candidates (e.g. 4000)")
     parser.add_argument("--demo-only", action="store_true",
                         help="only Ray's share of a demo search at 1 concurrent trial, with its breakdown")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved pairs of plain loop and search")
@@ -408,6 +432,8 @@ def main() -> None:
         start_ray(None, dashboard=False, quiet=True)
         with tempfile.TemporaryDirectory() as storage:
             ceiling_report(space, storage, args, spec)
+            if args.long_trials:
+                long_search_report(space, storage, args)
         ray.shutdown()
         return
 
@@ -444,6 +470,8 @@ def main() -> None:
                   f"{args.trials} candidates = {args.trials / wall:.2f} candidates/s (median in-trial evaluation "
                   f"{evaluate * 1e3:.0f} ms)")
         ceiling_report(space, storage, args, spec)
+        if args.long_trials:
+            long_search_report(space, storage, args)
     ray.shutdown()
     print(f"plain loop: {loop_seconds * 1e3:.0f} ms per candidate = {1 / loop_seconds:.2f} candidates/s")
     for per_trial in (1, batch):

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 from lcsc_ray import stopping
 
-STAGING = ".lcsc-partial"  # `staging_folder`'s name
+STAGING = ".lcsc-partial"  # the folder `staged` writes in
 # Called with each target once it is in place: a remote --storage copies the file to its bucket at once
 # (lcsc_ray/remote_storage.py); empty otherwise.
 AFTER_WRITE: list[Callable[[Path], None]] = []
@@ -46,13 +46,22 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def staging_folder(target: str | os.PathLike) -> Path:
-    """An empty hidden folder inside `target` for files that must appear in `target` together (`commit_staged`);
-    what a stopped or killed run left in it is removed."""
+@contextlib.contextmanager
+def staged(target: str | os.PathLike, *, last: str) -> Iterator[Path]:
+    """An empty hidden folder inside `target` for files that must appear in `target` together: what the block
+    writes there is moved in at its end (`commit_staged`, `last` last: the file whose presence says the rest
+    is there); a block that raises (a stop, an error) leaves nothing of it behind, and what a killed run left
+    is removed the next time."""
     staging = Path(target) / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    return staging
+    with stopping.discarded_on_stop(staging):
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        commit_staged(staging, last=last)
 
 
 def commit_staged(staging: Path, *, last: str) -> None:

@@ -15,7 +15,8 @@ A watchdog thread learns of every stop signal at once, through Python's wakeup f
 sits in C code that never returns to the interpreter (a Ray call waiting for a dead GCS), and ends the driver
 when the main thread has not run the handler within `HANDLER_WAIT_S`, or a graceful stop has not ended it
 `SAVED_GRACE_S` after Tune's save (`GRACE_S` after the signal at most).
-Ending the driver (`exit_stopped`): flush the output, kill every process it started (a local Ray cluster: GCS,
+Ending the driver (`exit_stopped`): remove the folders of unfinished files (`discarded_on_stop`), flush the
+output, kill every process it started (a local Ray cluster: GCS,
 raylet, agents and workers, whose agents otherwise linger for minutes), print the stop line (`set_phase` keeps
 it current) and `os._exit`. The cluster's processes are started with SIGTERM blocked (`shielded_children`),
 so a signal to the process group or cgroup reaches only the driver. Every file the job writes is written
@@ -60,6 +61,7 @@ class _State:
     signals: int | None = None  # the write end of the pipe the watchdog thread reads stop signals from
     cluster: bool = False  # a local Ray cluster was started under `shielded_children`
     saved: threading.Event = field(default_factory=threading.Event)  # Tune saved its state after the stop
+    discard: list[Path] = field(default_factory=list)  # folders of unfinished files, removed when a stop ends it
 
 
 _state = _State()
@@ -212,6 +214,17 @@ def deferred() -> Iterator[None]:
         exit_stopped(_state.received)
 
 
+@contextlib.contextmanager
+def discarded_on_stop(folder: Path) -> Iterator[None]:
+    """A stop that ends the driver during the block removes `folder` (files that only count once complete,
+    which may weigh as much as an exported network) instead of leaving it for the next run to empty."""
+    _state.discard.append(folder)
+    try:
+        yield
+    finally:
+        _state.discard.remove(folder)
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     if _state.received is not None:  # a second signal: exit at once; what was saved stays saved
         if _state.exiting:
@@ -278,6 +291,12 @@ def _end_process(code: int, lines: Sequence[str]) -> NoReturn:
     see its raylet die and abort the process (status -6) before it exits with `code`."""
     _state.exiting = True
     frozen = freeze_descendants()
+    for folder in _state.discard:  # renamed first: a main thread still writing cannot recreate it half-full
+        doomed = folder.with_name(f"{folder.name}.{os.getpid()}.discarded")
+        with contextlib.suppress(OSError):
+            folder.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
     for stream in (sys.stdout, sys.stderr):
         _flush(stream)
     for line in lines:

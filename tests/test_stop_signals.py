@@ -108,6 +108,7 @@ def _check(chain: Chain, log: Path, code: int, took: float, sig: int, phase: str
     assert all(Path(path).is_absolute() for path in paths), command
     present = [name for name in FINAL_FILES if (chain.exp_dir / "final" / name).exists()]
     assert present in ([], list(FINAL_FILES)), present
+    assert not (chain.exp_dir / "final" / ".lcsc-partial").exists()  # a stopped export's pieces are removed
     chain.command = [shutil.which(command[0]) or command[0], *command[1:]]
 
 

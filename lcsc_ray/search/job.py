@@ -44,7 +44,7 @@ from lcsc_ray.run_folder import RUN_JSON, RunInfo
 from lcsc_ray.run_formats import ResolvedRun, resolve_from_args
 from lcsc_ray.run_formats.nvlabs import reference_stats_from_pickle
 from lcsc_ray.sampling import sampler_options
-from lcsc_ray.atomic import atomic_write_json, commit_staged, staging_folder
+from lcsc_ray.atomic import atomic_write_json, staged
 from lcsc_ray.scoring import ScoringSpec, cached_scorer, load_stack, spec_run
 from lcsc_ray.search.flags import HELDOUT_SEED_OFFSET, parse_args
 from lcsc_ray.search.commands import continue_command, new_search_command
@@ -334,31 +334,30 @@ def finish(args: argparse.Namespace, table: ResultTable, space: CoefficientSpace
     winner, best, deciding = verdict.winner, verdict.best, verdict.deciding
     # Everything of the final folder is written into a staging folder and moved in at once at the end, so
     # a stop in any phase leaves results.json, the export and its sidecar together or none of them.
-    staging = staging_folder(output)
     stopping.set_phase("the export" + AFTER_SEARCH)
-    staged = export_best(best, winner, candidates, baselines, spec, payload, args, staging, metric_name, seeds[0],
-                         ship_back=ship_back)
-    exported = str(output / Path(staged).relative_to(staging))
-    stopping.set_phase("the final plots" + AFTER_SEARCH)
-    results = build_results(args, table, space, steps, spec, candidates, winner, best, exported, metric_name,
-                            seeds, deciding, timings={"search_seconds": search_seconds,
-                                                      "final_seconds": time.perf_counter() - started,
-                                                      "median_trial_stage_seconds": _median_stage_times(table)})
-    write_results(staging / "results.json", results)
-    plot_best_so_far(staging / "best_score_vs_trial.png", [r.score for r in table.rows], metric_name=metric_name,
-                     penalty=PENALTY_SCORE, baselines={c.name: c.search_score for c in candidates
-                                                       if c.kind != "lcsc" and c.search_score is not None})
-    plot_coefficients(staging / "coefficients_vs_step.png", steps,
-                      {"LCSC winner": winner.alpha, **{n: a for n, a in baselines.items() if n.startswith(("ema", "phema"))}})
-    write_results_md(staging / "results.md", verdict.lines, verdict.table)
-    write_report_html(staging / "report.html", title=f"LCSC search {table.experiment_path}", verdict=verdict.lines,
-                      table=verdict.table, plots=[staging / "best_score_vs_trial.png",
-                                                  staging / "coefficients_vs_step.png"],
-                      grids=[(title, staging / f"samples_{name}.png") for name, title in
-                             (("lcsc_winner", "LCSC winner"), ("newest", "newest checkpoint"),
-                              ("best_baseline", "best baseline"), ("control", "control (rescaled)"))])
-    stopping.set_phase("moving the results into place")
-    commit_staged(staging, last="results.json")
+    with staged(output, last="results.json") as staging:
+        written = export_best(best, winner, candidates, baselines, spec, payload, args, staging, metric_name, seeds[0],
+                              ship_back=ship_back)
+        exported = str(output / Path(written).relative_to(staging))
+        stopping.set_phase("the final plots" + AFTER_SEARCH)
+        results = build_results(args, table, space, steps, spec, candidates, winner, best, exported, metric_name,
+                                seeds, deciding, timings={"search_seconds": search_seconds,
+                                                          "final_seconds": time.perf_counter() - started,
+                                                          "median_trial_stage_seconds": _median_stage_times(table)})
+        write_results(staging / "results.json", results)
+        plot_best_so_far(staging / "best_score_vs_trial.png", [r.score for r in table.rows], metric_name=metric_name,
+                         penalty=PENALTY_SCORE, baselines={c.name: c.search_score for c in candidates
+                                                           if c.kind != "lcsc" and c.search_score is not None})
+        plot_coefficients(staging / "coefficients_vs_step.png", steps,
+                          {"LCSC winner": winner.alpha, **{n: a for n, a in baselines.items() if n.startswith(("ema", "phema"))}})
+        write_results_md(staging / "results.md", verdict.lines, verdict.table)
+        write_report_html(staging / "report.html", title=f"LCSC search {table.experiment_path}", verdict=verdict.lines,
+                          table=verdict.table, plots=[staging / "best_score_vs_trial.png",
+                                                      staging / "coefficients_vs_step.png"],
+                          grids=[(title, staging / f"samples_{name}.png") for name, title in
+                                 (("lcsc_winner", "LCSC winner"), ("newest", "newest checkpoint"),
+                                  ("best_baseline", "best baseline"), ("control", "control (rescaled)"))])
+        stopping.set_phase("moving the results into place")
     print(f"results: {output / 'results.json'}; exported checkpoint: {exported}; plots and sample grids in {output}")
     return results
 
