@@ -131,9 +131,9 @@ def steady_rate(finished: list[float], started: list[float]) -> float | None:
     """Candidates per second between the first completion after the last actor started and the last
     completion: the rate once every actor runs (None when too few candidates were measured in that span)."""
     times = sorted(t for t in finished if t > max(started))
-    if len(times) < 10 or times[-1] <= times[0]:
+    if len(set(times)) < 10:  # the candidates of one batched trial share their finishing time
         return None
-    return (len(times) - 1) / (times[-1] - times[0])
+    return sum(t > times[0] for t in times) / (times[-1] - times[0])
 
 
 def ceiling_point(trainable, space, storage: str, *, trials: int, batch: int, concurrent: int, cpus: float,

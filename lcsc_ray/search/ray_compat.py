@@ -136,6 +136,7 @@ def _inherit_env_when_equal(get: Callable[[Any, type], Any]) -> Callable[[Any, t
     return get_class
 
 
+_PENDING = "PENDING"  # Tune's `Trial.PENDING`
 _KEPT = "_lcsc_kept_resources"  # set on a controller's actor cache (never saved) by `keep_trial_actors`
 
 
@@ -189,6 +190,21 @@ class ActorKeepingScheduler:
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         keep_trial_actors(tune_controller, trial, self.keep_actors)
         super().on_trial_add(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        """Tune's FIFO choice (the first pending trial, else the first paused one) without its pass over every
+        trial of the experiment, which Tune makes at each step of its loop: along a search of 4,000 trials the
+        driver's rate fell by a quarter, and this pass was the largest part that grew. The controller keeps
+        its pending trials in a queue in the order they were added (`_pending_trials_list`) and its paused
+        ones in a set; where they are missing (another Ray), Tune's own choice."""
+        controller = getattr(tune_controller, "_tune_controller", tune_controller)
+        pending, paused = getattr(controller, "_pending_trials_list", None), getattr(controller, "_paused_trials", None)
+        if pending is None or paused is None:
+            return super().choose_trial_to_run(tune_controller)
+        for trial in pending:
+            if trial.status == _PENDING:
+                return trial
+        return super().choose_trial_to_run(tune_controller) if paused else None
 
 
 def in_ray_job() -> bool:
