@@ -127,10 +127,15 @@ def stub_scorer(spec: ScoringSpec) -> None:
     scoring_module._SCORERS[repr(spec)] = StubScorer()
 
 
+def completions_after_start(finished: list[float], started: list[float]) -> list[float]:
+    """The finishing times, sorted, of the candidates completed after the last actor was set up."""
+    return sorted(t for t in finished if t > max(started))
+
+
 def steady_rate(finished: list[float], started: list[float]) -> float | None:
     """Candidates per second between the first completion after the last actor started and the last
     completion: the rate once every actor runs (None when too few candidates were measured in that span)."""
-    times = sorted(t for t in finished if t > max(started))
+    times = completions_after_start(finished, started)
     if len(set(times)) < 10:  # the candidates of one batched trial share their finishing time
         return None
     return sum(t > times[0] for t in times) / (times[-1] - times[0])
@@ -161,7 +166,7 @@ def driver_ceiling(space, storage: str, *, trials: int, batch: int, cpus: float,
 def rates_along(finished: list[float], started: list[float], parts: int = 4) -> list[float]:
     """Candidates per second in each of `parts` consecutive slices of the completions after the last actor
     started: whether the driver slows down as the search grows (its trial list, the store, the optimizer)."""
-    times = sorted(t for t in finished if t > max(started))
+    times = completions_after_start(finished, started)
     bounds = np.linspace(0, len(times) - 1, parts + 1).round().astype(int)
     return [(b - a) / (times[b] - times[a]) for a, b in zip(bounds, bounds[1:]) if times[b] > times[a]]
 

@@ -117,7 +117,7 @@ class RemoteStorage:
     @property
     def _fs(self) -> tuple[pafs.FileSystem, str]:
         try:
-            return _filesystem(self.uri)
+            return _resolve(self.uri)  # the file system its trials' record writes use too: one client per bucket
         except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a bad URI
             raise LcscError(f"--storage {self.uri}: not a storage URI pyarrow can open ({_first_line(error)}); "
                             f"{_FIX}") from None

@@ -122,18 +122,18 @@ class SearchMonitor(tune.Callback):
         return [t for t in trials if (t.status == Trial.TERMINATED or t is completing)
                 and t.last_result and self.metric in t.last_result]
 
-    def plot_progress(self, trials: list[Trial], *, final: bool = False) -> None:
+    def plot_progress(self, trials: list[Trial], *, completing: Trial | None = None, final: bool = False) -> None:
         """Redraw `progress.png` from a daemon thread unless one is still drawing or the last one started
         less than `PROGRESS_PLOT_EVERY_S` ago; `final` (the run's end) draws the last state and waits for it,
         at most `PLOT_WAIT_S` each time: a slow figure must never hold up the end of a search or its stop.
-        Only a figure to draw passes over Tune's trial list."""
+        Only a figure to draw passes over Tune's trial list (`completing`: as in `_done`)."""
         busy = self._plotter is not None and self._plotter.is_alive()
         now = time.monotonic()
         if not final and (busy or now - self._last_plot < PROGRESS_PLOT_EVERY_S):
             return
         if busy:
             self._plotter.join(timeout=PLOT_WAIT_S)
-        done = sorted(self._done(trials, None), key=lambda t: t.config.get(INDEX_KEY, 0))
+        done = sorted(self._done(trials, completing), key=lambda t: t.config.get(INDEX_KEY, 0))
         if not done:
             return
         labels = [str(t.config.get(LABEL_KEY, "")) for t in done]
@@ -157,7 +157,7 @@ class SearchMonitor(tune.Callback):
         self._start_counting(trials)
         if trial.last_result and self.metric in trial.last_result:
             self._count(trial)  # kept current for the line of a stop that ends the driver early
-        self.plot_progress(trials)
+        self.plot_progress(trials, completing=trial)
         best_gauge, completed_gauge, failed_gauge, stage_histogram = self.metrics()
         completed_gauge.set(self.completed)
         failed_gauge.set(self._failed)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import ray
 from ray import tune
+from ray.tune.experiment import Trial
 
 from lcsc_ray import stopping
 
@@ -136,7 +137,6 @@ def _inherit_env_when_equal(get: Callable[[Any, type], Any]) -> Callable[[Any, t
     return get_class
 
 
-_PENDING = "PENDING"  # Tune's `Trial.PENDING`
 _KEPT = "_lcsc_kept_resources"  # set on a controller's actor cache (never saved) by `keep_trial_actors`
 
 
@@ -202,7 +202,7 @@ class ActorKeepingScheduler:
         if pending is None or paused is None:
             return super().choose_trial_to_run(tune_controller)
         for trial in pending:
-            if trial.status == _PENDING:
+            if trial.status == Trial.PENDING:
                 return trial
         return super().choose_trial_to_run(tune_controller) if paused else None
 
