@@ -324,13 +324,22 @@ class Mirror:
         return f"{self.storage.root}/{path.relative_to(self.storage.scratch).as_posix()}"
 
     def _put(self, path: Path) -> None:
+        """PUT one file. A small file is read whole first and sent only if it did not change meanwhile: Ray Tune
+        copies its state files into the experiment folder in place, and a copy read while being written would
+        be a torn state in the bucket, which a resume after a kill would find (the next sync sends it whole).
+        Larger files are ours, and written atomically (renamed into place), so they are streamed."""
         try:
             signature = _signature(path)
             source = open(path, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:  # replaced or removed meanwhile: the next sync sees what is there
             return
-        with source, self.storage.filesystem.open_output_stream(self._remote(path)) as stream:
-            _copy(source, stream)
+        with source:
+            head = source.read(UPLOAD_CHUNK)
+            if len(head) < UPLOAD_CHUNK and _signature_or_none(path) != signature:
+                return
+            with self.storage.filesystem.open_output_stream(self._remote(path)) as stream:
+                stream.write(head)
+                _copy(source, stream)
         self._sent[path] = signature
 
 
@@ -343,6 +352,13 @@ def _copy(source: BinaryIO, sink: BinaryIO) -> None:
 def _signature(path: Path) -> tuple[int, int]:
     stat = path.stat()
     return stat.st_size, stat.st_mtime_ns
+
+
+def _signature_or_none(path: Path) -> tuple[int, int] | None:
+    try:
+        return _signature(path)
+    except FileNotFoundError:
+        return None
 
 
 def _temporary(name: str) -> bool:

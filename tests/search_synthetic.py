@@ -23,6 +23,8 @@ TARGET = np.array([2.0, -1.0, 0.5, 0.0, -0.5, 0.0])  # Σ = 1, reachable in the 
 BASELINES = {"newest": np.eye(K)[-1], "uniform": np.full(K, 1.0 / K)}
 GATE_INDEX = 4  # gated_trainable: trials 0..3 run at once, later ones wait for the RELEASE file
 RELEASE = "release"
+HOLD_INDEX = 8  # gated_trainable: trials from 8 on also wait while a HOLD file exists
+HOLD = "hold"
 GATE_TIMEOUT_S = 120.0
 
 
@@ -43,14 +45,14 @@ def experiment_dir(config: dict) -> Path:
 
 def gated_trainable(config: dict) -> None:
     """The same objective, but trials from index `GATE_INDEX` on wait until the experiment folder holds a
-    `RELEASE` file: a test can kill the driver at a known point of the search, then release the rest."""
-    if config[INDEX_KEY] >= GATE_INDEX:
-        release = experiment_dir(config) / RELEASE
-        deadline = time.monotonic() + GATE_TIMEOUT_S
-        while not release.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{release} did not appear within {GATE_TIMEOUT_S} s")
-            time.sleep(0.05)
+    `RELEASE` file, and those from `HOLD_INDEX` on also while it holds a `HOLD` file: a test can kill the
+    driver at known points of the search, then release the rest."""
+    folder, deadline = experiment_dir(config), time.monotonic() + GATE_TIMEOUT_S
+    while ((config[INDEX_KEY] >= GATE_INDEX and not (folder / RELEASE).exists())
+           or (config[INDEX_KEY] >= HOLD_INDEX and (folder / HOLD).exists())):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"trial {config[INDEX_KEY]} was not released within {GATE_TIMEOUT_S} s")
+        time.sleep(0.05)
     synthetic_trainable(config)
 
 
@@ -64,8 +66,8 @@ def crash_once_trainable(config: dict) -> None:
     synthetic_trainable(config)
 
 
-def main(storage: str, name: str, num_trials: int) -> None:
-    """Run a search in its own process (with its own local Ray), for the SIGKILL/resume test."""
+def main(storage: str, name: str, num_trials: int, resume: bool = False) -> None:
+    """Run (or resume) a search in its own process (with its own local Ray), for the SIGKILL/resume tests."""
     import ray
 
     from lcsc_ray.search.tuner import run_search
@@ -73,9 +75,9 @@ def main(storage: str, name: str, num_trials: int) -> None:
     ray.init(num_cpus=1, include_dashboard=False)
     run_search(
         gated_trainable, build_space(SPACE, K), optimizer="lcsc-es", num_trials=num_trials, seed=0,  # as resumed
-        warm_start=BASELINES, storage=storage, name=name, resources={"cpu": 1}, progress=False,
+        warm_start=BASELINES, storage=storage, name=name, resources={"cpu": 1}, progress=False, resume=resume,
     )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), resume=sys.argv[4:] == ["resume"])

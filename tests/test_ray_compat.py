@@ -62,17 +62,6 @@ def test_config_of_result_reads_nested_and_flattened_results():
     assert ray_compat.config_of_result(flatten_dict(result, delimiter="/")) == config
 
 
-def test_restore_searcher_brings_back_the_saved_attributes(tmp_path):
-    space = build_space("affine", 3)
-    optimizer = build_optimizer("CMA", space.parametrization(), budget=10, num_workers=1, seed=0)
-    searcher = LcscNevergradSearch(optimizer, experiment_dir=tmp_path, metric="score", mode="min")
-    searcher.told.append((0, "search", 1.5))
-    searcher.save_to_dir(str(tmp_path))
-    restored = ray_compat.restore_searcher(LcscNevergradSearch, tmp_path)
-    assert type(restored) is LcscNevergradSearch and restored.told == [(0, "search", 1.5)]
-    assert restored.optimizer.dimension == optimizer.dimension
-
-
 def test_run_config_of_a_fresh_and_a_restored_tuner(local_ray, tmp_path):
     tuner = tune.Tuner(_Steps, param_space={"x": tune.grid_search([1.0])},
                        tune_config=tune.TuneConfig(metric="score", mode="min"),
@@ -83,6 +72,41 @@ def test_run_config_of_a_fresh_and_a_restored_tuner(local_ray, tmp_path):
     assert [result.metrics["score"] for result in grid] == [1.0]
     restored = tune.Tuner.restore(str(tmp_path / "compat"), _Steps)
     assert ray_compat.run_config_of(restored).name == "compat"
+
+
+def test_saved_trials_reads_the_trials_of_tunes_newest_experiment_state(local_ray, tmp_path):
+    ray_compat.allow_results_without_metric()
+    tuner = tune.Tuner(_Steps, param_space={"x": tune.grid_search([1.0, 2.0, 3.0])},
+                       tune_config=tune.TuneConfig(metric="score", mode="min"),
+                       run_config=tune.RunConfig(name="saved", storage_path=str(tmp_path), verbose=0,
+                                                 checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)))
+    tuner.fit()
+    experiment = tmp_path / "saved"
+    trials = ray_compat.saved_trials(experiment)
+    assert sorted(trial.config["x"] for trial in trials) == [1.0, 2.0, 3.0]
+    assert {trial.status for trial in trials} == {Trial.TERMINATED}
+    assert all(trial.last_result["score"] == trial.config["x"] for trial in trials)
+    assert len({trial.trial_id for trial in trials}) == 3
+    newest = max(experiment.glob("experiment_state-*.json"))  # Tune restores from the newest by name
+    newest.rename(experiment / "experiment_state-0000-00-00_00-00-00.json")  # now the oldest
+    (experiment / "experiment_state-9999-99-99_99-99-99.json").write_text("{truncated")
+    assert ray_compat.saved_trials(experiment) is None  # unreadable: the caller keeps its own state
+    assert ray_compat.saved_trials(tmp_path) is None  # no experiment state at all
+
+
+def test_quiet_tune_console_leaves_tunes_lines_out(local_ray, tmp_path, capfd, monkeypatch):
+    ray_compat.allow_results_without_metric()
+
+    def run(name: str) -> str:
+        tune.Tuner(_Steps, param_space={"x": tune.grid_search([1.0])},
+                   tune_config=tune.TuneConfig(metric="score", mode="min"),
+                   run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0)).fit()
+        return capfd.readouterr().out
+
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    assert "Configuration for experiment" in run("loud")  # what this test exists to notice going away
+    ray_compat.quiet_tune_console()
+    assert run("quiet").strip() == ""
 
 
 def test_interrupt_tune_run_ends_the_loop_with_the_trials_unfinished(local_ray, tmp_path):

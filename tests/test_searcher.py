@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,8 +28,8 @@ from lcsc_ray.search.searcher import LcscNevergradSearch, load_searcher
 from lcsc_ray.search.tuner import run_search
 from search_spaces import build_space
 from cli_runs import trial_scores, wait_for
-from search_synthetic import (BASELINES, GATE_INDEX, K, RELEASE, SPACE, TARGET, crash_once_trainable,
-                              gated_trainable, objective, synthetic_trainable)
+from search_synthetic import (BASELINES, GATE_INDEX, HOLD, HOLD_INDEX, K, RELEASE, SPACE, TARGET,
+                              crash_once_trainable, gated_trainable, objective, synthetic_trainable)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -314,29 +315,35 @@ def test_experiment_state_stays_small_at_large_k(local_ray, tmp_path):
     assert len(list((tmp_path / "large_k" / "candidates").glob("*.npy"))) == num_trials
 
 
-def test_resume_after_sigkill_reaches_the_full_count(local_ray, tmp_path):
-    num_trials = 14
+def _kill_gated_search(storage: Path, name: str, num_trials: int, told: int, resume: bool = False) -> None:
+    """Run the gated search (`search_synthetic.main`) in its own process with its own Ray, and kill -9 it once
+    its saved searcher has told `told` trials: Ray saves the experiment state, then the searcher state, so
+    both saved files then cover them."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
            "TUNE_GLOBAL_CHECKPOINT_S": "0.5", "RAY_AUTH_MODE": "disabled"}
     driver = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "search_synthetic.py"), str(tmp_path), "killed", str(num_trials)],
+        [sys.executable, str(REPO / "tests" / "search_synthetic.py"), str(storage), name, str(num_trials),
+         *(["resume"] if resume else [])],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    exp_dir = tmp_path / "killed"
 
-    def checkpoint_holds_the_ungated_trials() -> bool:
-        # Ray saves the experiment state, then the searcher state: once the saved searcher was told of the
-        # GATE_INDEX trials that run freely, a saved experiment state covers them too.
+    def saved_searcher_told_enough() -> bool:
         try:
-            return len(load_searcher(exp_dir).told) >= GATE_INDEX
+            return len(load_searcher(storage / name).told) >= told
         except LcscError:  # no searcher state saved yet
             return False
 
     try:
-        wait_for(checkpoint_holds_the_ungated_trials, 90, "an experiment checkpoint with the ungated trials", driver)
+        wait_for(saved_searcher_told_enough, 90, f"a saved searcher that told {told} trials", driver)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started, nothing else
         driver.wait()
+
+
+def test_resume_after_sigkill_reaches_the_full_count(local_ray, tmp_path):
+    num_trials = 14
+    exp_dir = tmp_path / "killed"
+    _kill_gated_search(tmp_path, "killed", num_trials, told=GATE_INDEX)
     before = trial_scores(exp_dir)
     assert len(before) == GATE_INDEX  # the gated trial was in flight, not finished, when the driver died
     (exp_dir / RELEASE).touch()
@@ -348,3 +355,40 @@ def test_resume_after_sigkill_reaches_the_full_count(local_ray, tmp_path):
     assert labels.count("baseline:newest") == 1 and labels.count("baseline:uniform") == 1
     assert sorted(row.index for row in table.rows) == list(range(num_trials))
     assert len(load_searcher(exp_dir).told) >= num_trials - len(before)
+
+
+def test_resume_when_the_experiment_state_and_the_searcher_state_are_of_different_moments(local_ray, tmp_path):
+    """Tune saves its experiment state and the searcher's in separate files, one after the other; a driver
+    killed between the two, or a bucket copy made between them, leaves one newer than the other. Both ways,
+    the resumed search must end with exactly its budget: every index once, each candidate told once.
+    Built from two real kills: the first leaves files that hold trials 0-4, the second (after a resume) files of
+    trials 0-8; each case keeps one kind of file of the second kill only."""
+    num_trials, name = 14, "ages"
+    exp_dir, aside = tmp_path / name, tmp_path / "aside"
+    _kill_gated_search(tmp_path, name, num_trials, told=GATE_INDEX)
+    (exp_dir / HOLD).touch()
+    (exp_dir / RELEASE).touch()
+    _kill_gated_search(tmp_path, name, num_trials, told=HOLD_INDEX, resume=True)
+    (exp_dir / HOLD).unlink()
+    shutil.copytree(exp_dir, aside)
+    newest = {pattern: max(exp_dir.glob(pattern)).name
+              for pattern in ("experiment_state-*.json", "searcher-state-*.pkl", "search_gen_state-*.json")}
+    cases = {"searcher state older": ("searcher-state-*.pkl", "search_gen_state-*.json"),
+             "experiment state older": ("experiment_state-*.json",)}
+    for case, older in cases.items():
+        shutil.rmtree(exp_dir)
+        shutil.copytree(aside, exp_dir)  # the same path: trial configs name their candidates by absolute path
+        for pattern in older:
+            (exp_dir / newest[pattern]).unlink()  # the first kill's file is now the newest of its kind
+        # Tune stages a restored experiment's files in this Ray session under the first run's name and time:
+        # the case before left its finished search there, which no driver of a new session would find.
+        for staged in Path(ray._private.worker._global_node.get_session_dir_path()).glob(f"artifacts/*/{name}"):
+            shutil.rmtree(staged)
+        table = _search(tmp_path, name, num_trials=num_trials, trainable=gated_trainable, resume=True)
+        assert [row.index for row in table.rows] == list(range(num_trials)), case
+        labels = [row.label for row in table.rows]
+        assert labels[:2] == ["baseline:newest", "baseline:uniform"] and set(labels[2:]) == {"search"}, case
+        for row in table.rows:
+            assert row.score == pytest.approx(objective(row.alpha)), case
+        assert np.allclose(table.rows[0].alpha, BASELINES["newest"]), case
+        assert sorted(index for index, _, _ in table.told) == list(range(num_trials)), case

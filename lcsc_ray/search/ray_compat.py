@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
+import json
 import logging
 import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterator, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import ray
 from ray import tune
@@ -25,7 +28,6 @@ from ray.tune.experiment import Trial
 from lcsc_ray import stopping
 
 RAY_VERSION = "2.60.0"
-_Searcher = TypeVar("_Searcher")
 
 
 def check_ray_version() -> bool:
@@ -51,12 +53,40 @@ def config_of_result(result: dict[str, Any]) -> dict[str, Any]:
     return {key.removeprefix("config/"): value for key, value in result.items() if key.startswith("config/")}
 
 
-def restore_searcher(cls: type[_Searcher], experiment_path: str | os.PathLike) -> _Searcher:
-    """An instance of searcher class `cls` as last saved in an experiment folder, without running its
-    constructor (the state file holds every attribute; the constructor needs an optimizer we do not have)."""
-    searcher = cls.__new__(cls)
-    searcher.restore_from_dir(os.fspath(experiment_path))
-    return searcher
+@dataclass(frozen=True)
+class SavedTrial:
+    """A trial as Tune's newest experiment state holds it."""
+
+    trial_id: str
+    status: str
+    config: dict[str, Any]
+    last_result: dict[str, Any]
+
+
+def saved_trials(experiment_dir: str | os.PathLike) -> list[SavedTrial] | None:
+    """The trials of the newest experiment state in a folder, the file Tune restores from (`experiment_state-*.json`,
+    newest by name as Tune picks it), read as plain JSON (nothing is unpickled); None when there is none or it
+    cannot be read. A searcher restored from the same folder checks its own state against it: the two files
+    are written one after the other, so a killed driver (or a bucket copy taken between them) can leave one
+    newer than the other."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    names = sorted(glob.glob(os.path.join(os.fspath(experiment_dir), TuneController.CKPT_FILE_TMPL.format("*"))))
+    if not names:
+        return None
+    try:
+        with open(names[-1]) as handle:
+            entries = json.load(handle)["trial_data"]
+        trials = []
+        for state_json, metadata_json in entries:
+            state, metadata = json.loads(state_json), json.loads(metadata_json)
+            last_result = metadata.get("last_result")
+            trials.append(SavedTrial(trial_id=str(state["trial_id"]), status=str(state["status"]),
+                                     config=dict(state["config"]),
+                                     last_result=last_result if isinstance(last_result, dict) else {}))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return trials
 
 
 def allow_results_without_metric() -> None:
@@ -234,6 +264,14 @@ def driver_keeps_sigterm_handler() -> Iterator[None]:
         yield
     finally:
         utils.set_sigterm_handler, ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = original
+
+
+def quiet_tune_console() -> None:
+    """Keep Tune's own lines out of the driver's console at `verbose=0` (`RAY_AIR_NEW_OUTPUT=0`, read at each
+    run: Tune's older reporter, silent at that verbosity). The newer one printed a configuration box whose
+    trial count is Tune's, unlimited for our searches (9223372036854775807 on screen), and the scratch folder
+    as where the results are, also for a bucket; the search prints its own count and paths."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
 
 
 def let_driver_handle_sigint() -> None:

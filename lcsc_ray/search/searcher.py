@@ -4,8 +4,11 @@
   receives its path, label and suggestion index.
 - Warm starts: the baselines go through `points_to_evaluate`, so they are the first trials, in order, and
   reach the optimizer as told-but-not-asked points, each with its label.
-- Restore: trials the optimizer has never seen (a restarted trial with a new id, or a searcher state older
-  than the trial) are rebuilt from their config and told anyway; completions pop with a default;
+- The budget: the searcher ends the search (`Searcher.FINISHED`) once it has suggested `budget` candidates.
+- Restore: the state is first brought in line with the trials Tune restores (`_agree_with`: the two are
+  saved one after the other, so either may be the newer); trials the optimizer has never seen (a restarted
+  trial with a new id, or a searcher state older than the trial) are rebuilt from their config and told
+  anyway; completions pop with a default;
   candidates in flight when the state was saved become orphans, told when they finish but not counted
   against the concurrency limit (so a trial Ray never resumes cannot hang the search).
 - Replay after a killed driver: a suggestion whose index already has a recorded evaluation in the store
@@ -27,12 +30,15 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from ray.tune.experiment import Trial
+from ray.tune.search import Searcher
 from ray.tune.search.nevergrad import NevergradSearch
 
 from lcsc_ray.errors import LcscError
+from lcsc_ray.remote_storage import rebased
 from lcsc_ray.search.candidates import (BASELINE_PREFIX, CANDIDATES_DIR, INDEX_KEY, SEARCH_LABEL, batch_config,
                                         candidate_configs, decode_candidate, digest, recorded_values, save_candidate)
-from lcsc_ray.search.ray_compat import config_of_result, restore_searcher
+from lcsc_ray.search.ray_compat import SavedTrial, config_of_result, saved_trials
 
 
 class LcscNevergradSearch(NevergradSearch):
@@ -72,6 +78,7 @@ class LcscNevergradSearch(NevergradSearch):
         self._recorded: dict[int, np.ndarray] | None = None if replay_store else {}
         # (index, label, loss) of every tell, in tell order: small, and lets callers check what was told.
         self.told: list[tuple[int, str, float]] = []
+        self._told_indices: set[int] = set()  # a candidate is told once, also when a restore runs it again
         super().__init__(
             optimizer=optimizer,
             metric=metric,
@@ -94,8 +101,8 @@ class LcscNevergradSearch(NevergradSearch):
         count = self._candidates_per_trial
         if self._budget is not None:
             count = min(count, self._budget - self._num_suggested)
-        if count < 1:
-            return None
+        if count < 1:  # the searcher, not Tune's trial count, ends the search (`restore` says why)
+            return Searcher.FINISHED
         entries, configs = [], []
         try:
             for _ in range(count):
@@ -116,9 +123,11 @@ class LcscNevergradSearch(NevergradSearch):
             self._recorded = {i: v for i, v in recorded_values(self._candidates_dir).items() if i >= index}
         # After a restore, this index may have been evaluated by the previous driver after its last saved
         # state: take that value (told as not-asked) so the trial replays the record.
-        recorded = self._recorded.pop(index, None)
-        if recorded is not None and digest(recorded) != digest(candidate.value["alpha"]):
-            candidate = self._nevergrad_opt.parametrization.spawn_child(new_value={"alpha": recorded})
+        value = self._recorded.pop(index, None)
+        if value is None and index < len(self._warm_labels):  # a baseline asked again after `restore` went back
+            value = self._points_to_evaluate[index]["alpha"]
+        if value is not None and digest(value) != digest(candidate.value["alpha"]):
+            candidate = self._nevergrad_opt.parametrization.spawn_child(new_value={"alpha": value})
         self._num_suggested += 1
         return (index, label, candidate), save_candidate(self._candidates_dir, index, label, candidate.value["alpha"])
 
@@ -136,15 +145,51 @@ class LcscNevergradSearch(NevergradSearch):
                 entries.append((int(config.get(INDEX_KEY, -1)), label, candidate))
         reports = result.get("batch") or [result]
         for (index, label, candidate), report in zip(entries, reports):
+            if index in self._told_indices:  # re-run after a restore from an older experiment state (`_agree_with`)
+                continue
             loss = self._metric_op * float(report[self._metric])
             self._nevergrad_opt.tell(candidate, loss if not math.isnan(loss) else math.inf)
             self.told.append((index, label, loss))
+            self._told_indices.add(index)
 
     def restore(self, checkpoint_path: str) -> None:
+        """Tune's restore of a search that continues: the saved state, then agreed with Tune's trials."""
+        self._restore_saved(checkpoint_path)
+        # The experiment folder's state, the one Tune restored its trials from: this searcher comes from Tune's
+        # staging folder, which on a cluster that outlives the driver may still hold a killed driver's files.
+        trials = saved_trials(rebased(Path(self._candidates_dir)).parent)
+        if trials is not None:
+            self._agree_with(trials)
+
+    def _restore_saved(self, checkpoint_path: str) -> None:
+        """The state as saved, with its trials in flight set aside as orphans."""
         super().restore(checkpoint_path)
         self._orphans.update(self._live_trial_mapping)
         self._live_trial_mapping = {}
         self._recorded = None
+        self._told_indices = {index for index, _, _ in self.told}
+
+    def _agree_with(self, trials: list[SavedTrial]) -> None:
+        """Continue from the trials Tune restores, whatever this state's age. Tune saves its experiment state
+        and then this searcher; a driver killed between the two, a bucket copy made between them, or a killed
+        driver's staged files found by a resume on the same cluster leave one older than the other. Counting
+        on from this state's own count then asked again for indices Tune already held (a search of 16 ended
+        with 21 trials), or skipped those it never created; Tune's own trial count, saved in a third file, had
+        the same problem, so the search ends with this searcher's `FINISHED` at its budget (`run_search` gives
+        Tune no count). So: the next index is the one after Tune's last trial; a baseline asked again gets its
+        value back (`_suggest_one`); the baseline suggestions of skipped indices are dropped; a finished trial
+        this state never heard of is told now (Tune re-runs only the unfinished ones); and a candidate told
+        before is not told again when Tune, from an older experiment state, runs it again (its record replays
+        the same score)."""
+        indices = [int(config.get(INDEX_KEY, -1)) for trial in trials for config in candidate_configs(trial.config)]
+        following = max(indices, default=-1) + 1
+        for _ in range(self._num_suggested, min(following, len(self._warm_labels))):
+            self._nevergrad_opt.ask()  # a baseline suggestion Tune's trials already hold
+        self._num_suggested = following
+        for trial in trials:
+            if trial.status == Trial.TERMINATED and not self._told_indices.issuperset(
+                    int(config.get(INDEX_KEY, -1)) for config in candidate_configs(trial.config)):
+                self.on_trial_complete(trial.trial_id, {**trial.last_result, "config": trial.config})
 
 
 def load_searcher(experiment_path: str | os.PathLike) -> LcscNevergradSearch:
@@ -153,6 +198,12 @@ def load_searcher(experiment_path: str | os.PathLike) -> LcscNevergradSearch:
     The file is the experiment's own pickle, the same one `Tuner.restore` loads; never point this at a
     folder from an untrusted source.
     """
-    if not glob.glob(os.path.join(os.fspath(experiment_path), NevergradSearch.CKPT_FILE_TMPL.format("*"))):
+    states = glob.glob(os.path.join(os.fspath(experiment_path), NevergradSearch.CKPT_FILE_TMPL.format("*")))
+    if not states:
         raise LcscError(f"no searcher state in {experiment_path}; is it a search experiment folder?")
-    return restore_searcher(LcscNevergradSearch, experiment_path)
+    # Without the constructor (the state holds every attribute; the constructor needs an optimizer we do not
+    # have), from the newest state as Ray's `restore_from_dir` picks it, and as saved: what the search had
+    # told when it saved, not agreed with Tune's trials as a continuing search is.
+    searcher = LcscNevergradSearch.__new__(LcscNevergradSearch)
+    searcher._restore_saved(max(states))
+    return searcher

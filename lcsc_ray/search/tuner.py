@@ -1,8 +1,9 @@
 """Run the coefficient search as a Ray Tune experiment (fresh or resumed) and collect its trials.
 
-`run_search` is the one place that builds the `tune.Tuner`: `LcscNevergradSearch` as the search algorithm,
-`num_samples` as the budget (a Nevergrad searcher never ends the search itself), `reuse_actors=True` so each
-worker keeps its scorer, short trial folder names, `FailureConfig` retries, and a `SearchMonitor` callback.
+`run_search` is the one place that builds the `tune.Tuner`: `LcscNevergradSearch` as the search algorithm and
+the one keeper of the budget (it ends the search; Tune's own trial count is unlimited, since after a killed
+driver its saved count may disagree with the trials it restores), `reuse_actors=True` so each worker keeps
+its scorer, short trial folder names, `FailureConfig` retries, and a `SearchMonitor` callback.
 
 How a run ends, and what the caller gets:
 - the budget is reached: a `ResultTable`;
@@ -47,7 +48,7 @@ from lcsc_ray.search.objective import SearchObjective
 from lcsc_ray.search.optimizers import build_optimizer
 from lcsc_ray.search.ray_compat import (ActorKeepingScheduler, allow_pending_trials, allow_results_without_metric, check_ray_version,
                                         interrupt_tune_run, json_trial_logs_only, let_driver_handle_sigint,
-                                        run_config_of, watch_tune_stop)
+                                        quiet_tune_console, run_config_of, watch_tune_stop)
 from lcsc_ray.search.searcher import LcscNevergradSearch, load_searcher
 from lcsc_ray.search.trial import FULL_FIDELITY_KEY, LEAVE_OUT_KEY, SCORE_SE_KEY, jackknife_se
 from search_spaces.spaces import CoefficientSpace
@@ -57,6 +58,7 @@ REBUILD_KEY = "_rebuild"  # set on a manifest whose Ray state is damaged: the se
 SET_ASIDE = re.compile(r"^(damaged|budget)-\d{8}-\d{6}$")  # Ray files of an earlier run of a rebuilt experiment
 EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+UNLIMITED = -1  # Tune's num_samples for "no count of its own": the searcher's budget ends the search
 TIME_ATTR = "num_samples"  # what ASHA's rungs count: samples a trial has scored so far
 SCHEDULERS = ("fifo", "asha", "race")  # --scheduler
 RACE_Z = 1.0  # paired standard errors by which a round must be worse than the incumbent's to stop (METHOD.md)
@@ -273,7 +275,7 @@ def run_search(
         tuner = tune.Tuner(
             wrapped,
             tune_config=tune.TuneConfig(
-                search_alg=searcher, num_samples=tune_trials(num_trials, candidates_per_trial), metric=metric,
+                search_alg=searcher, num_samples=UNLIMITED, metric=metric,
                 mode="min", reuse_actors=True,
                 trial_dirname_creator=short_trial_dirname,
                 scheduler=trial_scheduler,
@@ -477,6 +479,7 @@ def _fit(tuner: tune.Tuner, name: str, num_trials: int, metric: str, penalty: fl
     """Run the tuner with this process's monitor attached; the result grid and the monitor."""
     monitor = _attach_monitor(tuner, name, num_trials, metric, penalty, progress, exp_dir)
     let_driver_handle_sigint()
+    quiet_tune_console()
     watch_tune_stop()
     stopping.set_phase(f"search {name}", stopped=lambda: _stopped_search(name, monitor.completed, num_trials))
     with stopping.graceful(interrupt_tune_run):  # Ctrl+C and SIGTERM: Tune saves the state and returns
