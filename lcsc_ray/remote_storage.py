@@ -28,6 +28,7 @@ import os
 import shutil
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -51,6 +52,17 @@ _FIX = ("check the URI (bucket, endpoint_override, scheme) and the credentials i
 def is_uri(value: object) -> bool:
     """Whether a flag's value names object storage rather than a local path."""
     return value is not None and "://" in str(value)
+
+
+def file_uri_path(value: str) -> str | None:
+    """The local path a `file://` URI names (`file:///data/x` -> `/data/x`), None for any other value: Ray Tune and
+    pyarrow read `file://` as this machine's file system, so it is a path, not object storage."""
+    if not str(value).startswith("file://"):
+        return None
+    parsed = urllib.parse.urlparse(str(value))
+    if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/") or parsed.query:
+        raise LcscError(f"{value}: a file URI names an absolute path, as in file:///data/lcsc; or pass the path itself")
+    return urllib.parse.unquote(parsed.path)
 
 
 def _split(uri: str) -> tuple[str, str]:

@@ -179,3 +179,19 @@ def test_input_uris_are_refused_in_one_line_before_anything_runs(flag, tmp_path)
     with pytest.raises(LcscError, match=f"{flag} s3://bucket/prefix.*only --storage may be a URI"):
         run_job(argv, kind="cm")
     assert not (Path.cwd() / "s3:").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_file_uris_are_the_paths_they_name(tmp_path):
+    """`file:///path` (Ray Tune's and pyarrow's name for this machine's file system) is that path on every path
+    flag; a file URI that names no absolute path is one line naming the flag."""
+    from lcsc_ray.errors import LcscError
+    from lcsc_ray.search.job import check_uris
+
+    folder = tmp_path / "a b"
+    args = parse_args(["--storage", f"file://{tmp_path}/a%20b", "--ckpt-dir", f"file://localhost{folder}",
+                       "--out", str(folder)], "cm")
+    check_uris(args)
+    assert (args.storage, args.ckpt_dir, args.out) == (str(folder), str(folder), str(folder))
+    for bad in ("file://relative/x", "file:///x?endpoint_override=y"):
+        with pytest.raises(LcscError, match=f"^--storage {re.escape(bad)}: a file URI names an absolute path"):
+            check_uris(parse_args(["--storage", bad], "cm"))

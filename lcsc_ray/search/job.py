@@ -32,7 +32,7 @@ from lcsc_ray.heldout import (EvalPlan, OutputAffine, cached_metrics, candidate_
 from lcsc_ray.images import write_sample_grid
 from lcsc_ray.profiles import baseline_profiles, run_ema_warmup
 from lcsc_ray.progress import progress
-from lcsc_ray.remote_storage import Mirror, RemoteStorage, is_uri
+from lcsc_ray.remote_storage import Mirror, RemoteStorage, file_uri_path, is_uri
 from lcsc_ray.shipped_files import SHIPPED_KEY, local_path, pack
 from lcsc_ray.stack import STORAGE_DTYPES, CheckpointStack, available_host_bytes
 from lcsc_ray.stack_file import open_stack_file, write_stack_file
@@ -117,9 +117,18 @@ def reference_stats_path(args: argparse.Namespace, run: RunInfo) -> Path:
 
 
 def check_uris(args: argparse.Namespace) -> None:
-    """Only --storage may be a URI (lcsc_ray/remote_storage.py). The inputs are read by the driver, which
-    ships what workers need through Ray (docs/SCALING.md), so they are local paths; a path library would turn
-    `s3://bucket/x` into a local folder named `s3:`, so such a URI is refused before anything runs."""
+    """Only --storage may be a URI of object storage (lcsc_ray/remote_storage.py); a `file://` URI, on any of
+    these flags, is taken as the path it names. The inputs are read by the driver, which ships what workers
+    need through Ray (docs/SCALING.md), so they are local paths; a path library would turn `s3://bucket/x` into
+    a local folder named `s3:`, so such a URI is refused before anything runs."""
+    for attribute in ("storage", "ckpt_dir", "out", "ref_stats", "inception_weights"):
+        value = getattr(args, attribute)
+        try:
+            path = None if value is None else file_uri_path(value)
+        except LcscError as error:
+            raise LcscError(f"--{attribute.replace('_', '-')} {error}") from None
+        if path is not None:
+            setattr(args, attribute, path)
     for flag, value in (("--ckpt-dir", args.ckpt_dir), ("--out", args.out), ("--ref-stats", args.ref_stats),
                         ("--inception-weights", args.inception_weights)):
         if is_uri(value):
