@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import ray
 from ray import tune
+from ray.tune.search import Searcher
 
 from lcsc_ray.errors import LcscError
 from lcsc_ray.search.candidates import decode_candidate, save_candidate
@@ -178,6 +179,19 @@ def test_searcher_tells_unknown_trials_rebuilt_from_their_config(tmp_path):
     flat = save_candidate(tmp_path / "candidates", 10, "search", space.to_value(BASELINES["uniform"]))
     searcher.on_trial_complete("also-unknown", {"score": 1.0, **{f"config/{k}": v for k, v in flat.items()}})
     assert searcher.told[-1] == (10, "search", 1.0) and searcher.optimizer.num_tell == 2
+
+
+def test_searcher_ends_the_search_as_soon_as_its_budget_is_suggested(tmp_path):
+    """Tune gets no trial count of its own, so the searcher's FINISHED ends the search; it must come while the
+    last trial still runs (a None there let Tune block its loop for minutes asking for another trial)."""
+    space = _space()
+    optimizer = build_optimizer("CMA", space.parametrization(), budget=2, num_workers=1, seed=0)
+    searcher = LcscNevergradSearch(optimizer, experiment_dir=tmp_path, max_concurrent=1, budget=2)
+    first = searcher.suggest("a")
+    assert searcher.suggest("b") is None  # concurrency
+    _complete(searcher, space, "a", first)
+    assert searcher.suggest("c")["lcsc_index"] == 1
+    assert searcher.suggest("d") == Searcher.FINISHED  # "c" still runs
 
 
 def test_searcher_save_restore_continues_identically(tmp_path):

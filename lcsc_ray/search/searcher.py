@@ -95,14 +95,17 @@ class LcscNevergradSearch(NevergradSearch):
         self._max_concurrent = int(max_concurrent)
         return True
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict | str | None:
+        # The searcher, not Tune's trial count, ends the search (`_agree_with` says why), and says so as soon as
+        # the budget is suggested: Tune, not finished, may otherwise block its loop for up to 10 minutes asking
+        # for one more trial (it does when it holds none pending or running, as while a trial's actor is replaced).
+        if self._budget is not None and self._num_suggested >= self._budget:
+            return Searcher.FINISHED
         if len(self._live_trial_mapping) >= self._max_concurrent:
             return None
         count = self._candidates_per_trial
         if self._budget is not None:
             count = min(count, self._budget - self._num_suggested)
-        if count < 1:  # the searcher, not Tune's trial count, ends the search (`restore` says why)
-            return Searcher.FINISHED
         entries, configs = [], []
         try:
             for _ in range(count):
