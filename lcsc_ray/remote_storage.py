@@ -317,7 +317,7 @@ class Mirror:
             if path.is_dir():
                 folders.append(path)
             elif path.is_file() and not path.is_symlink() and not _temporary(path.name):
-                yield path, _signature(path)
+                yield path, _signature(path.stat())
         while folders:
             with os.scandir(folders.pop()) as entries:
                 for entry in entries:
@@ -330,7 +330,7 @@ class Mirror:
                             stat = entry.stat(follow_symlinks=False)
                         except FileNotFoundError:  # removed meanwhile: the next sync sees what is there
                             continue
-                        yield path, (stat.st_size, stat.st_mtime_ns)
+                        yield path, _signature(stat)
 
     def _remote(self, path: Path) -> str:
         return f"{self.storage.root}/{path.relative_to(self.storage.scratch).as_posix()}"
@@ -339,15 +339,17 @@ class Mirror:
         """PUT one file. A small file is read whole first and sent only if it did not change meanwhile: Ray Tune
         copies its state files into the experiment folder in place, and a copy read while being written would
         be a torn state in the bucket, which a resume after a kill would find (the next sync sends it whole).
-        Larger files are ours, and written atomically (renamed into place), so they are streamed."""
+        Larger files are ours, and written atomically (renamed into place), so they are streamed. Signatures
+        come from the open file, so a file replaced meanwhile is sent as the version read, and the next sync
+        sees the new one."""
         try:
-            signature = _signature(path)
             source = open(path, "rb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:  # replaced or removed meanwhile: the next sync sees what is there
+        except FileNotFoundError:  # removed meanwhile: the next sync sees what is there
             return
         with source:
+            signature = _signature(os.fstat(source.fileno()))
             head = source.read(UPLOAD_CHUNK)
-            if len(head) < UPLOAD_CHUNK and _signature_or_none(path) != signature:
+            if len(head) < UPLOAD_CHUNK and _signature(os.fstat(source.fileno())) != signature:
                 return
             with self.storage.filesystem.open_output_stream(self._remote(path)) as stream:
                 stream.write(head)
@@ -361,16 +363,9 @@ def _copy(source: BinaryIO, sink: BinaryIO) -> None:
         sink.write(chunk)
 
 
-def _signature(path: Path) -> tuple[int, int]:
-    stat = path.stat()
+def _signature(stat: os.stat_result) -> tuple[int, int]:
+    """What tells a file's versions apart: its size and modification time."""
     return stat.st_size, stat.st_mtime_ns
-
-
-def _signature_or_none(path: Path) -> tuple[int, int] | None:
-    try:
-        return _signature(path)
-    except FileNotFoundError:
-        return None
 
 
 def _temporary(name: str) -> bool:

@@ -14,6 +14,7 @@ import pytest
 import ray
 from ray import cloudpickle
 from ray import tune
+from ray.tune.execution.tune_controller import TuneController
 from ray.tune.experiment import Trial
 from ray.tune.utils import flatten_dict
 
@@ -82,6 +83,7 @@ def test_saved_trials_reads_the_trials_of_tunes_newest_experiment_state(local_ra
                                                  checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)))
     tuner.fit()
     experiment = tmp_path / "saved"
+    assert ray_compat.EXPERIMENT_STATE_GLOB == TuneController.CKPT_FILE_TMPL.format("*")
     trials = ray_compat.saved_trials(experiment)
     assert sorted(trial.config["x"] for trial in trials) == [1.0, 2.0, 3.0]
     assert {trial.status for trial in trials} == {Trial.TERMINATED}

@@ -119,6 +119,11 @@ def batch_config(configs: list[dict]) -> dict:
     return {**configs[0], BATCH_KEY: list(configs)} if len(configs) > 1 else configs[0]
 
 
+def candidate_index(config: dict) -> int:
+    """The suggestion index in a candidate's config (-1 for a config from outside the searcher)."""
+    return int(config.get(INDEX_KEY, -1))
+
+
 def candidate_configs(config: dict) -> list[dict]:
     """The candidates' own configs of a trial config, one for a single-candidate trial."""
     return list(config[BATCH_KEY]) if BATCH_KEY in config else [config]

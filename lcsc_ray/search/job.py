@@ -116,21 +116,29 @@ def reference_stats_path(args: argparse.Namespace, run: RunInfo) -> Path:
                                   inception_weights=args.inception_weights)
 
 
+PATH_FLAGS = ("--storage", "--ckpt-dir", "--out", "--ref-stats", "--inception-weights")  # flags naming a path
+
+
+def _attribute(flag: str) -> str:
+    """argparse's attribute for a flag (`--ckpt-dir` -> `ckpt_dir`)."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
 def check_uris(args: argparse.Namespace) -> None:
     """Only --storage may be a URI of object storage (lcsc_ray/remote_storage.py); a `file://` URI, on any of
-    these flags, is taken as the path it names. The inputs are read by the driver, which ships what workers
+    the path flags, is taken as the path it names. The inputs are read by the driver, which ships what workers
     need through Ray (docs/SCALING.md), so they are local paths; a path library would turn `s3://bucket/x` into
     a local folder named `s3:`, so such a URI is refused before anything runs."""
-    for attribute in ("storage", "ckpt_dir", "out", "ref_stats", "inception_weights"):
-        value = getattr(args, attribute)
+    for flag in PATH_FLAGS:
+        value = getattr(args, _attribute(flag))
         try:
             path = None if value is None else file_uri_path(value)
         except LcscError as error:
-            raise LcscError(f"--{attribute.replace('_', '-')} {error}") from None
+            raise LcscError(f"{flag} {error}") from None
         if path is not None:
-            setattr(args, attribute, path)
-    for flag, value in (("--ckpt-dir", args.ckpt_dir), ("--out", args.out), ("--ref-stats", args.ref_stats),
-                        ("--inception-weights", args.inception_weights)):
+            setattr(args, _attribute(flag), path)
+    for flag in PATH_FLAGS[1:]:
+        value = getattr(args, _attribute(flag))
         if is_uri(value):
             raise LcscError(f"{flag} {value}: only --storage may be a URI; copy this input to the driver's disk "
                             "and pass its path (the driver ships it to the workers; docs/SCALING.md)")
@@ -145,8 +153,8 @@ def check_paths_in_ray_job(args: argparse.Namespace) -> None:
     would put results where nobody finds them (or read inputs from the copy): ask for absolute ones."""
     if not in_ray_job():
         return
-    for flag, value in (("--storage", args.storage), ("--ckpt-dir", args.ckpt_dir), ("--out", args.out),
-                        ("--ref-stats", args.ref_stats), ("--inception-weights", args.inception_weights)):
+    for flag in PATH_FLAGS:
+        value = getattr(args, _attribute(flag))
         if value and not is_uri(value) and not Path(value).expanduser().is_absolute():
             raise LcscError(f"{flag} {value} is a relative path, and this search runs as a Ray Job, whose working "
                             "directory is a temporary copy of the code; give an absolute path on storage every node sees")

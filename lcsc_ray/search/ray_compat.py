@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import ray
@@ -28,6 +29,7 @@ from ray.tune.experiment import Trial
 from lcsc_ray import stopping
 
 RAY_VERSION = "2.60.0"
+EXPERIMENT_STATE_GLOB = "experiment_state-*.json"  # Tune's experiment state files (`TuneController.CKPT_FILE_TMPL`)
 
 
 def check_ray_version() -> bool:
@@ -63,26 +65,30 @@ class SavedTrial:
     last_result: dict[str, Any]
 
 
-def saved_trials(experiment_dir: str | os.PathLike) -> list[SavedTrial] | None:
-    """The trials of the newest experiment state in a folder, the file Tune restores from (`experiment_state-*.json`,
-    newest by name as Tune picks it), read as plain JSON (nothing is unpickled); None when there is none or it
-    cannot be read. A searcher restored from the same folder checks its own state against it: the two files
-    are written one after the other, so a killed driver (or a bucket copy taken between them) can leave one
-    newer than the other."""
-    from ray.tune.execution.tune_controller import TuneController
+def newest_experiment_state(experiment_dir: str | os.PathLike) -> Path | None:
+    """Tune's experiment state file in a folder that Tune restores from (newest by name, as Tune picks it), or
+    None when there is none."""
+    names = glob.glob(os.path.join(os.fspath(experiment_dir), EXPERIMENT_STATE_GLOB))
+    return Path(max(names)) if names else None
 
-    names = sorted(glob.glob(os.path.join(os.fspath(experiment_dir), TuneController.CKPT_FILE_TMPL.format("*"))))
-    if not names:
+
+def saved_trials(experiment_dir: str | os.PathLike) -> list[SavedTrial] | None:
+    """The trials of the experiment state Tune restores from (`newest_experiment_state`), read as plain JSON
+    (nothing is unpickled); None when there is none or it cannot be read. A searcher restored from the same
+    folder checks its own state against it: the two files are written one after the other, so a killed
+    driver (or a bucket copy taken between them) can leave one newer than the other."""
+    state = newest_experiment_state(experiment_dir)
+    if state is None:
         return None
     try:
-        with open(names[-1]) as handle:
+        with open(state) as handle:
             entries = json.load(handle)["trial_data"]
         trials = []
         for state_json, metadata_json in entries:
-            state, metadata = json.loads(state_json), json.loads(metadata_json)
+            trial_state, metadata = json.loads(state_json), json.loads(metadata_json)
             last_result = metadata.get("last_result")
-            trials.append(SavedTrial(trial_id=str(state["trial_id"]), status=str(state["status"]),
-                                     config=dict(state["config"]),
+            trials.append(SavedTrial(trial_id=str(trial_state["trial_id"]), status=str(trial_state["status"]),
+                                     config=dict(trial_state["config"]),
                                      last_result=last_result if isinstance(last_result, dict) else {}))
     except (OSError, ValueError, KeyError, TypeError):
         return None

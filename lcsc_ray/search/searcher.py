@@ -36,8 +36,8 @@ from ray.tune.search.nevergrad import NevergradSearch
 
 from lcsc_ray.errors import LcscError
 from lcsc_ray.remote_storage import rebased
-from lcsc_ray.search.candidates import (BASELINE_PREFIX, CANDIDATES_DIR, INDEX_KEY, SEARCH_LABEL, batch_config,
-                                        candidate_configs, decode_candidate, digest, recorded_values, save_candidate)
+from lcsc_ray.search.candidates import (BASELINE_PREFIX, CANDIDATES_DIR, SEARCH_LABEL, batch_config, candidate_configs,
+                                        candidate_index, decode_candidate, digest, recorded_values, save_candidate)
 from lcsc_ray.search.ray_compat import SavedTrial, config_of_result, saved_trials
 
 
@@ -145,7 +145,7 @@ class LcscNevergradSearch(NevergradSearch):
             for config in candidate_configs(config_of_result(result)):
                 value, label = decode_candidate(config)
                 candidate = self._nevergrad_opt.parametrization.spawn_child(new_value={"alpha": value})
-                entries.append((int(config.get(INDEX_KEY, -1)), label, candidate))
+                entries.append((candidate_index(config), label, candidate))
         reports = result.get("batch") or [result]
         for (index, label, candidate), report in zip(entries, reports):
             if index in self._told_indices:  # re-run after a restore from an older experiment state (`_agree_with`)
@@ -184,15 +184,18 @@ class LcscNevergradSearch(NevergradSearch):
         this state never heard of is told now (Tune re-runs only the unfinished ones); and a candidate told
         before is not told again when Tune, from an older experiment state, runs it again (its record replays
         the same score)."""
-        indices = [int(config.get(INDEX_KEY, -1)) for trial in trials for config in candidate_configs(trial.config)]
-        following = max(indices, default=-1) + 1
+        following = max((index for trial in trials for index in _indices(trial)), default=-1) + 1
         for _ in range(self._num_suggested, min(following, len(self._warm_labels))):
             self._nevergrad_opt.ask()  # a baseline suggestion Tune's trials already hold
         self._num_suggested = following
         for trial in trials:
-            if trial.status == Trial.TERMINATED and not self._told_indices.issuperset(
-                    int(config.get(INDEX_KEY, -1)) for config in candidate_configs(trial.config)):
+            if trial.status == Trial.TERMINATED and not self._told_indices.issuperset(_indices(trial)):
                 self.on_trial_complete(trial.trial_id, {**trial.last_result, "config": trial.config})
+
+
+def _indices(trial: SavedTrial) -> list[int]:
+    """The suggestion indices of a saved trial's candidates."""
+    return [candidate_index(config) for config in candidate_configs(trial.config)]
 
 
 def load_searcher(experiment_path: str | os.PathLike) -> LcscNevergradSearch:

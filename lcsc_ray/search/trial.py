@@ -38,8 +38,8 @@ from ray import tune
 from lcsc_ray.errors import LcscError
 from lcsc_ray.evaluator import EvalResult
 from lcsc_ray.scoring import CandidateScorer, ScoringSpec, cached_scorer
-from lcsc_ray.search.candidates import (BATCH_KEY, INDEX_KEY, LABEL_KEY, candidate_configs, decode_candidate,
-                                        load_record, save_record)
+from lcsc_ray.search.candidates import (BATCH_KEY, INDEX_KEY, LABEL_KEY, candidate_configs, candidate_index,
+                                        decode_candidate, load_record, save_record)
 from lcsc_ray.search.objective import SearchObjective
 from search_spaces.spaces import CoefficientSpace
 
@@ -103,7 +103,7 @@ def evaluate_candidate(config: dict, *, scoring: ScoringSpec, space: Coefficient
     scorer = cached_scorer(scoring, stack_payload)
     report = {"label": label, "alpha_abs_max": float(np.max(np.abs(alpha)))}
     try:
-        result = scorer.score(alpha, seed=objective.seed_of(int(config.get(INDEX_KEY, -1))), num_samples=num_samples)
+        result = scorer.score(alpha, seed=objective.seed_of(candidate_index(config)), num_samples=num_samples)
     except LcscError:
         raise  # e.g. a model that does not match the checkpoints: no candidate would do better
     except Exception as error:  # noqa: BLE001 - any candidate-specific failure becomes a penalised result
@@ -228,7 +228,7 @@ class LcscTrial(tune.Trainable):
         report = {"label": label, "alpha_abs_max": float(np.max(np.abs(alpha)))}
         try:
             if self._rounds_iter is None:
-                seed = self.objective.seed_of(int(self.config.get(INDEX_KEY, -1)))
+                seed = self.objective.seed_of(candidate_index(self.config))
                 self._rounds_iter = scorer.score_rounds(alpha, seed=seed, rounds=self.rounds,
                                                         blocks=JACKKNIFE_BLOCKS if len(self.rounds) > 1 else 1)
                 for _ in range(index):

@@ -40,15 +40,16 @@ from lcsc_ray import stopping
 from lcsc_ray.atomic import atomic_write_json
 from lcsc_ray.checkpoints import excluded_step
 from lcsc_ray.errors import LcscError, SearchInterrupted
-from lcsc_ray.search.candidates import (CANDIDATES_DIR, INDEX_KEY, RECORD_SUFFIX, candidate_configs,
-                                        decode_candidate)
+from lcsc_ray.search.candidates import (CANDIDATES_DIR, RECORD_SUFFIX, candidate_configs,
+                                        candidate_index, decode_candidate)
 from lcsc_ray.search.identity import check_identity, search_settings
 from lcsc_ray.search.monitor import SearchMonitor
 from lcsc_ray.search.objective import SearchObjective
 from lcsc_ray.search.optimizers import build_optimizer
-from lcsc_ray.search.ray_compat import (ActorKeepingScheduler, allow_pending_trials, allow_results_without_metric, check_ray_version,
+from lcsc_ray.search.ray_compat import (EXPERIMENT_STATE_GLOB, ActorKeepingScheduler, allow_pending_trials, allow_results_without_metric, check_ray_version,
                                         interrupt_tune_run, json_trial_logs_only, let_driver_handle_sigint,
-                                        quiet_tune_console, run_config_of, watch_tune_stop)
+                                        newest_experiment_state, quiet_tune_console, run_config_of,
+                                        watch_tune_stop)
 from lcsc_ray.search.searcher import LcscNevergradSearch, load_searcher
 from lcsc_ray.search.trial import FULL_FIDELITY_KEY, LEAVE_OUT_KEY, SCORE_SE_KEY, jackknife_se
 from search_spaces.spaces import CoefficientSpace
@@ -56,7 +57,6 @@ from search_spaces.spaces import CoefficientSpace
 MANIFEST = "lcsc_search.json"
 REBUILD_KEY = "_rebuild"  # set on a manifest whose Ray state is damaged: the search is rebuilt from its store
 SET_ASIDE = re.compile(r"^(damaged|budget)-\d{8}-\d{6}$")  # Ray files of an earlier run of a rebuilt experiment
-EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 UNLIMITED = -1  # Tune's num_samples for "no count of its own": the searcher's budget ends the search
 TIME_ATTR = "num_samples"  # what ASHA's rungs count: samples a trial has scored so far
@@ -129,13 +129,13 @@ def ray_state_damage(exp_dir: Path) -> str | None:
     """Why Ray cannot restore the experiment in `exp_dir` as it is, or None."""
     if not tune.Tuner.can_restore(str(exp_dir)):
         return "it has no tuner.pkl"
-    states = sorted(glob.glob(str(exp_dir / EXPERIMENT_STATE_GLOB)))
-    if not states:
+    state = newest_experiment_state(exp_dir)
+    if state is None:
         return f"it has no {EXPERIMENT_STATE_GLOB} (stopped before Ray's first save)"
     try:
-        json.loads(Path(states[-1]).read_text(encoding="utf-8"))
+        json.loads(state.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return f"its experiment state {Path(states[-1]).name} is damaged"
+        return f"its experiment state {state.name} is damaged"
     if not glob.glob(str(exp_dir / "searcher-state-*.pkl")):
         return "it has no searcher state"
     return None
@@ -512,7 +512,7 @@ def collect_results(grid, space: CoefficientSpace, *, metric: str, experiment_pa
             value, label = decode_candidate(config)
             metrics = {k: v for k, v in report.items() if k not in TUNE_KEYS and k not in (metric, "batch")}
             rows.append(TrialRecord(
-                index=int(config.get(INDEX_KEY, -1)), trial_id=str(result.metrics.get("trial_id", "")),
+                index=candidate_index(config), trial_id=str(result.metrics.get("trial_id", "")),
                 label=label, value=value, alpha=space.to_coefficients(value), score=float(report[metric]),
                 metrics=metrics,
             ))
