@@ -133,10 +133,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--inception-images", type=int, default=48)
+    parser.add_argument("--inception-images", type=int, default=48,
+                        help="images for the InceptionV3 throughput line (0: leave that line out)")
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="BLAS thread counts, each used by pytorch-fid and ours alike (default: 1 and all CPUs)")
     args = parser.parse_args()
+    if args.inception_images == 1 or args.inception_images < 0:
+        parser.error("--inception-images: give 0 (no Inception line) or at least 2 (a covariance needs 2)")
     thread_counts = args.threads or sorted({1, os.cpu_count() or 1})
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, numpy {np.__version__}")
@@ -148,6 +151,8 @@ def main() -> None:
     digits_images = load_digits_labelled()[0]
     bench_throughput("digits CNN (fd_digits, d=64)", build_extractor("digits", device=device),
                      digits_images.repeat(3, 1, 1, 1), 512, device)
+    if not args.inception_images:
+        return
     import torchvision
 
     with tempfile.TemporaryDirectory() as folder:

@@ -21,10 +21,13 @@ from lcsc_ray.stack import available_host_bytes
 from lcsc_ray.search.ray_compat import driver_keeps_sigterm_handler, tune_actor_env_vars, tune_actors_use_idle_workers
 
 LOOPBACK_HOSTS = {"localhost"}
-# What a trial's worker imports before it can score: torch, Tune's trainable, the scorer, the model registry and
-# the demo's feature extractor. A local cluster's idle workers import them as they start (`start_ray`).
-TRIAL_MODULES = ("lcsc_ray.search.trial", "lcsc_ray.models", "lcsc_ray.run_formats", "lcsc_ray.features.digits")
-PRELOAD_BYTES_PER_WORKER = 400 << 20  # an idle worker with them imported: 375 MiB of its own (USS), measured
+# What a trial's worker imports before it can score: torch, Tune's trainable, the scorer, the model registry, the
+# demo's feature extractor and the loader of the digits it is keyed by (scikit-learn: 1 s of imports in a trial's
+# scorer build otherwise). A local cluster's idle workers import them as they start (`start_ray`).
+TRIAL_MODULES = ("lcsc_ray.search.trial", "lcsc_ray.models", "lcsc_ray.run_formats", "lcsc_ray.features.digits",
+                 "sklearn.datasets")
+# An idle worker with them imported: 375 MiB of its own (USS) measured without sklearn.datasets, which adds 53 MiB
+PRELOAD_BYTES_PER_WORKER = 430 << 20
 PRELOAD_MEMORY_SHARE = 0.1  # of the available memory, the most all of a node's preloaded idle workers may hold
 
 

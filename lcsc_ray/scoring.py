@@ -24,6 +24,7 @@ from lcsc_ray.errors import LcscError
 from lcsc_ray.evaluator import EvalResult, Evaluator, RunningScore
 from lcsc_ray.features import build_extractor
 from lcsc_ray.file_identity import FileStamp, check_unchanged
+from lcsc_ray.host_memory import retain_freed_memory
 from lcsc_ray.images import write_sample_grid
 from lcsc_ray.noise import FixedNoise
 from lcsc_ray.reference_stats import load_reference_stats
@@ -115,6 +116,7 @@ class CandidateScorer:
         self.metric_name = self.evaluator.extractor.metric_name
         self.run = run
         self.image_shape = run.image_shape
+        retain_freed_memory()  # after the stack's build, whose temporaries are freed for good
 
     def score(self, alpha: Sequence[float] | np.ndarray, *, seed: int, num_samples: int) -> EvalResult:
         """Merge α into the resident model, sample `num_samples` images from `seed`'s fixed noise, return

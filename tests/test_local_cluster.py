@@ -55,7 +55,7 @@ def test_trial_actors_of_a_local_cluster_inherit_the_environment_and_the_imports
 
 def test_preloading_is_kept_to_machines_where_a_worker_per_cpu_fits_in_a_tenth_of_the_memory():
     """Ray starts one idle worker per CPU; with torch and the trial's modules imported each holds ~375 MiB."""
-    assert preload_fits(2, 24 << 30)  # this machine kind: 0.8 GiB of 24
-    assert not preload_fits(8, 16 << 30)  # a laptop: 3.1 GiB would be a fifth of its memory
-    assert not preload_fits(128, 256 << 30)  # a large node: 50 GiB of 256
+    assert preload_fits(2, 24 << 30)  # this machine kind: 0.84 GiB of 24
+    assert not preload_fits(8, 16 << 30)  # a laptop: 3.4 GiB would be a fifth of its memory
+    assert not preload_fits(128, 256 << 30)  # a large node: 54 GiB of 256
     assert not preload_fits(2, None)  # memory unknown: no preloading

@@ -21,6 +21,7 @@ import torch
 from lcsc_ray.atomic import atomic_write_json
 from lcsc_ray.data import load_images
 from lcsc_ray.devices import resolve_device
+from lcsc_ray.host_memory import retain_freed_memory
 from lcsc_ray.errors import LcscError
 from lcsc_ray.images import write_sample_grid
 from lcsc_ray.models import build_model
@@ -106,6 +107,7 @@ def train(
     on a shared CPU. `device` ("auto", "cpu", "cuda", ...) holds the network and data; random numbers always
     come from one CPU generator, so resume is exact everywhere.
     """
+    retain_freed_memory()  # each step frees and re-allocates the same activations
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
