@@ -11,8 +11,10 @@ How far glibc had raised its threshold also depended on the process's history, s
 evaluated more slowly than a long-running process did (docs/RESULTS.md, "Page faults per evaluation").
 
 Fixed thresholds (`mallopt`; setting one also stops glibc's own adjustment) keep the freed blocks in the heap
-for reuse. The cost is that a scoring process holds its peak evaluation memory between candidates, which it
-needs again at the next one. Other C libraries (macOS, musl) are left as they are.
+for reuse: 0.81x the time per evaluation on the digits demo, about 0.7x for InceptionV3 features on the CPU.
+The cost is that a scoring process holds its peak evaluation memory between candidates, which it needs again
+at the next one (for those Inception features 1.24-1.45 GiB resident between calls instead of 0.95 GiB).
+Other C libraries (macOS, musl) are left as they are.
 """
 
 from __future__ import annotations
