@@ -16,13 +16,14 @@ from ray import cloudpickle
 from ray import tune
 from ray.tune.execution.tune_controller import TuneController
 from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler
 from ray.tune.utils import flatten_dict
 
 from lcsc_ray.search import ray_compat
 from lcsc_ray.search.candidates import CANDIDATE_KEY, INDEX_KEY, LABEL_KEY, decode_candidate
 from lcsc_ray.search.optimizers import build_optimizer
 from lcsc_ray.search.searcher import LcscNevergradSearch
-from lcsc_ray.search.tuner import run_search
+from lcsc_ray.search.tuner import KeepingFIFOScheduler, run_search
 from search_spaces.spaces import build_space
 
 
@@ -217,3 +218,45 @@ def test_tune_actors_use_idle_workers_leaves_the_runtime_env_out_only_when_the_c
     assert not _ActorClassCache().get(_Plain)._default_options.get("runtime_env")
     ray_compat.tune_actors_use_idle_workers({**wanted, "PL_DISABLE_FORK": "0"})  # one differs: Tune sets it
     assert _ActorClassCache().get(_Plain)._default_options["runtime_env"] == {"env_vars": wanted}
+
+
+class _ComparingFIFO(KeepingFIFOScheduler):
+    """The product's FIFO scheduler, recording at each of Tune's requests its choice, Tune's own FIFO choice
+    over every trial of the experiment, and how many trials were pending."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.choices: list[tuple[object, object, int]] = []
+
+    def choose_trial_to_run(self, tune_controller):
+        ours = super().choose_trial_to_run(tune_controller)
+        tunes = FIFOScheduler.choose_trial_to_run(self, tune_controller)
+        pending = sum(trial.status == Trial.PENDING for trial in tune_controller.get_trials())
+        self.choices.append((ours, tunes, pending))
+        return ours
+
+
+class _XTrial(tune.Trainable):
+    """Reports its config's x; resettable, so Tune may reuse its actor for the next trial."""
+
+    def step(self) -> dict:
+        return {"score": float(self.config["x"]), "done": True}
+
+    def reset_config(self, new_config: dict) -> bool:
+        self.config = new_config
+        return True
+
+
+def test_choose_trial_to_run_takes_the_trial_tunes_fifo_choice_takes(local_ray, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNE_MAX_PENDING_TRIALS_PG", "8")  # several pending trials to choose from
+    scheduler = _ComparingFIFO()
+    tuner = tune.Tuner(_XTrial, param_space={"x": tune.grid_search(list(range(16)))},
+                       tune_config=tune.TuneConfig(metric="score", mode="min", scheduler=scheduler,
+                                                   max_concurrent_trials=2, reuse_actors=True),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), name="fifo", verbose=0,
+                                                 checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)))
+    results = tuner.fit()
+    assert len(results) == 16 and not results.errors
+    assert all(ours is tunes for ours, tunes, _ in scheduler.choices)
+    assert max(pending for _, _, pending in scheduler.choices) >= 2  # a choice among several pending trials
+    assert sum(ours is not None for ours, _, _ in scheduler.choices) >= 16
