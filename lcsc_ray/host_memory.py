@@ -36,8 +36,8 @@ _GLIBC_MMAP_THRESHOLD_MAX = 32 * 2 ** 20  # what glibc versions that refuse KEEP
 @functools.cache
 def retain_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds once per process (module docstring); False where the C library
-    is not glibc or refuses the settings. Called by `CandidateScorer` before its first evaluation and by the
-    training loop."""
+    is not glibc or refuses the settings. Called by `CandidateScorer` before its first evaluation, by the
+    training loop and by the reference statistics' feature pass."""
     name = ctypes.util.find_library("c")
     if name is None:
         return False

@@ -20,6 +20,7 @@ import torch
 
 from lcsc_ray.atomic import atomic_write
 from lcsc_ray.errors import LcscError
+from lcsc_ray.host_memory import retain_freed_memory
 from lcsc_ray.paths import cache_dir
 from lcsc_ray.statistics import RunningStats
 
@@ -91,6 +92,7 @@ def load_reference_stats(path: str | Path, *, extractor: str | None = None, dim:
 def compute_reference_stats(images: torch.Tensor, extractor, *, batch_size: int = 250,
                             dataset: str) -> ReferenceStats:
     """Stream `images` ([N, C, H, W] in [-1, 1]) through `extractor` into float64 running statistics."""
+    retain_freed_memory()  # every batch frees and re-allocates the same activations
     stats = RunningStats(extractor.dim, device=extractor.device)
     for batch in images.split(batch_size):
         stats.update(extractor(batch.to(extractor.device)))
