@@ -1,11 +1,11 @@
 """Keep the scorer's freed host memory for its next evaluation (glibc malloc settings).
 
-A CPU evaluation allocates and frees the same activations for every candidate (about 200 MB per candidate of
+A CPU evaluation allocates and frees the same activations for every candidate (170-210 MiB per candidate of
 the digits CM demo at 2,000 samples). With glibc's defaults, a block above the mmap threshold (128 KiB at
 first, raised by glibc as blocks are freed, up to 32 MiB) is mapped and unmapped around each use, and free
 memory at the top of the heap beyond the trim threshold is handed back to the kernel. Each evaluation then
-faults its buffers in again: on the demo about 52,000 minor page faults and 0.1 s of kernel time for an
-evaluation of 0.45 s, and the kernel's page zeroing is memory traffic, which made evaluations slow down
+faults its buffers in again: on the demo 38,000-53,000 minor page faults and 0.07-0.1 s of kernel time for
+an evaluation of 0.45 s, and the kernel's page zeroing is memory traffic, which made evaluations slow down
 further whenever another process on the machine used memory bandwidth (a Ray Tune driver beside a trial).
 How far glibc had raised its threshold also depended on the process's history, so a fresh trial worker
 evaluated more slowly than a long-running process did (docs/RESULTS.md, "Page faults per evaluation").
@@ -27,10 +27,10 @@ import functools
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-# Blocks up to this size come from the heap and stay there when freed (the largest glibc accepts, and an
-# upper bound on what a CPU evaluation frees and then asks for again)
+# Blocks up to this size come from the heap and stay there when freed: above what the demo's evaluation frees
+# and asks for again, below the blocks of a large batch that would be held for nothing between evaluations
 KEEP_BYTES = 512 * 2 ** 20
-_GLIBC_MMAP_THRESHOLD_MAX = 32 * 2 ** 20  # what glibc versions that refuse KEEP_BYTES accept
+_GLIBC_MMAP_THRESHOLD_MAX = 32 * 2 ** 20  # the largest mmap threshold glibc's documentation promises to accept
 
 
 @functools.cache

@@ -223,23 +223,23 @@ class ActorKeepingScheduler:
 
     keep_actors = 1
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._added: dict[Any, int] = {}  # live trial -> the order Tune added it in (`choose_trial_to_run`)
-        self._next_added = 0
+    def _added_order(self) -> dict[Any, int]:
+        """Live trial -> its number in the order Tune added it, for `choose_trial_to_run` (made on first use:
+        a scheduler that a resumed search unpickles from an earlier version has none)."""
+        return self.__dict__.setdefault("_added", {})
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         keep_trial_actors(tune_controller, trial, self.keep_actors)
-        added = self.__dict__.setdefault("_added", {})  # a scheduler pickled before this attribute existed
-        added[trial] = self._next_added = getattr(self, "_next_added", 0) + 1
+        self._added_count = getattr(self, "_added_count", 0) + 1
+        self._added_order()[trial] = self._added_count
         super().on_trial_add(tune_controller, trial)
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-        self.__dict__.get("_added", {}).pop(trial, None)
+        self._added_order().pop(trial, None)
         super().on_trial_complete(tune_controller, trial, result)
 
     def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
-        self.__dict__.get("_added", {}).pop(trial, None)
+        self._added_order().pop(trial, None)
         super().on_trial_remove(tune_controller, trial)
 
     def choose_trial_to_run(self, tune_controller: Any) -> Any:
@@ -250,7 +250,7 @@ class ActorKeepingScheduler:
         limit, about the concurrency), and this scheduler numbered the trials as Tune added them; where that
         set or a number is missing (another Ray, a trial added before), Tune's own choice."""
         controller = getattr(tune_controller, "_tune_controller", tune_controller)
-        pending, added = getattr(controller, "_pending_trials", None), self.__dict__.get("_added", {})
+        pending, added = getattr(controller, "_pending_trials", None), self._added_order()
         if pending is None or getattr(controller, "_paused_trials", None) is None or not pending.issubset(added):
             return super().choose_trial_to_run(tune_controller)
         waiting = [trial for trial in pending if trial.status == Trial.PENDING]

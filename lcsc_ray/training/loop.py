@@ -21,8 +21,8 @@ import torch
 from lcsc_ray.atomic import atomic_write_json
 from lcsc_ray.data import load_images
 from lcsc_ray.devices import resolve_device
-from lcsc_ray.host_memory import retain_freed_memory
 from lcsc_ray.errors import LcscError
+from lcsc_ray.host_memory import retain_freed_memory
 from lcsc_ray.images import write_sample_grid
 from lcsc_ray.models import build_model
 from lcsc_ray.precond import SigmaConfig
