@@ -1,9 +1,10 @@
-"""Session-wide test setup: a private cache folder (nothing under ~/.cache is touched), no Ray token files,
-and tiny real training runs that the search tests share."""
+"""Session-wide test setup: a private cache folder (nothing under ~/.cache is touched, and it is removed at the
+end), no Ray token files, and tiny real training runs that the search tests share."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,6 +15,12 @@ _SESSION_CACHE = Path(tempfile.mkdtemp(prefix="lcsc-test-cache-"))
 os.environ["LCSC_RAY_CACHE"] = str(_SESSION_CACHE)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the session's cache folder (reference statistics, extractors: a few MB per test session)."""
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
 
 TINY_MODEL = {"channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attention": False, "dropout": 0.0}
 
