@@ -61,6 +61,7 @@ _PICKLE_PROTOCOL_MARK = 0x80  # first byte of a pickle (torch.save's format befo
 # Threads reading checkpoints at once: reads, CRC-32 and the NaN scan release the GIL, so a few overlap disk
 # (or network-disk) latency with checking; more only adds memory (a safetensors file is held while checked).
 VERIFY_THREADS = 4
+VERIFY_THREAD_PREFIX = "preflight"  # the names of the threads reading checkpoints
 # Flags that only describe a run we detect (lcsc_ray/run_formats); a run.json says all of it itself.
 DETECTION_FLAGS = ("--model-factory", "--model-kwargs", "--image-shape", "--prediction-type")
 
@@ -248,14 +249,16 @@ def verify_threads(files: Sequence[CheckpointFile]) -> int:
 def verify_all(files: Sequence[CheckpointFile], spec: ScoringSpec,
                newest: tuple[CheckpointFile, LoadedCheckpoint]) -> None:
     """`verify_checkpoint` for every file of `files` in a small thread pool; raises the error of the first file
-    in step order that fails (the same line whatever the threads' timing), without waiting for queued files."""
-    pool = ThreadPoolExecutor(verify_threads(files), thread_name_prefix="preflight")
+    in step order that fails (the same line whatever the threads' timing), without reading the queued files.
+    Files being read when one fails are finished first: no thread may still map a checkpoint once this returns,
+    since a file rewritten or cut under a mapping kills the whole process (SIGBUS)."""
+    pool = ThreadPoolExecutor(verify_threads(files), thread_name_prefix=VERIFY_THREAD_PREFIX)
     try:
         futures: list[Future] = [pool.submit(_verify_and_drop, file, spec, newest) for file in files]
         for future in futures:
             future.result()
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _common_prefix_hint(keys: Sequence[str], expected: set[str]) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import threading
 import zipfile
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from cli_runs import FAST, driver_env, last_line, run_driver
 from lcsc_ray.checkpoints import discover_checkpoints
 from lcsc_ray.errors import LcscError
 from lcsc_ray.features.inception import WEIGHTS_FILE, weights_name_mismatch
-from lcsc_ray.preflight import check_detection_flags, check_trial_budget, preflight
+from lcsc_ray.preflight import VERIFY_THREAD_PREFIX, check_detection_flags, check_trial_budget, preflight
 from lcsc_ray.reference_stats import ensure_reference_stats
 from lcsc_ray.run_folder import load_run
 from lcsc_ray.scoring import ScoringSpec
@@ -188,6 +189,8 @@ def _refusal(run: Path) -> str:
     with pytest.raises(LcscError) as caught:
         preflight(_spec(run), load_run(run))
     assert not ray.is_initialized()
+    # no thread still reads a checkpoint that the test may rewrite next (a mapped file cut short is SIGBUS)
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith(VERIFY_THREAD_PREFIX)]
     message = str(caught.value)
     assert len(message.splitlines()) == 1 and "--resume" not in message, message
     return message
