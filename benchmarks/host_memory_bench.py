@@ -28,20 +28,11 @@ KINDS = ("default", "retained")
 def child(kind: str, samples: int, warmup: int, evaluations: int) -> None:
     """Measure in this process and print one JSON line of per-evaluation lists."""
     import lcsc_ray.scoring as scoring
-    from lcsc_ray.checkpoints import discover_checkpoints
-    from lcsc_ray.reference_stats import ensure_reference_stats
-    from lcsc_ray.run_folder import load_run
-    from lcsc_ray.training.demo import ensure_demo_run
-    from search_spaces import load_preset
+    from demo_setup import demo_scoring_spec  # benchmarks/ is on sys.path: the script's own folder
 
     if kind == "default":
         scoring.retain_freed_memory = lambda: False
-    preset = load_preset("digits-cm")
-    run_dir = ensure_demo_run("cm", quiet=True)
-    run = load_run(run_dir)
-    spec = scoring.ScoringSpec(run_dir=str(run_dir), files=tuple(discover_checkpoints(run.checkpoint_dir)),
-                               extractor=preset["extractor"], device="cpu", threads=1,
-                               reference_stats=str(ensure_reference_stats(run.config["data"], preset["extractor"])))
+    spec = demo_scoring_spec("cm", device="cpu", threads=1)
     scorer = scoring.CandidateScorer(spec)
     rng = np.random.default_rng(0)
     rows = []

@@ -30,17 +30,14 @@ import numpy as np
 from matplotlib.figure import Figure
 from ray import tune
 
-from lcsc_ray.checkpoints import discover_checkpoints, select_checkpoints
+from demo_setup import demo_scoring_spec  # benchmarks/ is on sys.path: the script's own folder
 from lcsc_ray.cluster import start_ray
 from lcsc_ray.profiles import baseline_profiles
-from lcsc_ray.reference_stats import ensure_reference_stats
-from lcsc_ray.run_folder import load_run
-from lcsc_ray.scoring import CandidateScorer, ScoringSpec
+from lcsc_ray.scoring import CandidateScorer
 from lcsc_ray.search.flags import HELDOUT_SEED_OFFSET
 from lcsc_ray.search.trial import (FULL_FIDELITY_KEY, JACKKNIFE_BLOCKS, PENALTY_SCORE, LcscTrial, comparable_score,
                                    jackknife_se, round_schedule)
 from lcsc_ray.search.tuner import ResultTable, run_search
-from lcsc_ray.training.demo import ensure_demo_run
 from lcsc_ray.search.objective import SearchObjective
 from search_spaces import load_preset
 from search_spaces.spaces import build_space
@@ -53,17 +50,11 @@ DEFAULT_ROUNDS = {"cm": [250, 500, 1000], "dm": [125, 250, 500]}
 def setup_run(kind: str, run_dir: Path | None) -> dict:
     """The preset's scoring spec, space and baselines for one demo run."""
     preset = load_preset(f"digits-{kind}")
-    run_dir = Path(run_dir).resolve() if run_dir else ensure_demo_run(kind, quiet=True)
-    run = load_run(run_dir)
-    files = tuple(select_checkpoints(discover_checkpoints(run.checkpoint_dir), window=preset.get("window"),
-                                     interval=preset.get("interval", 1), max_count=None))
-    options = {k: preset[k] for k in ("nfe",) if k in preset}
-    spec = ScoringSpec(run_dir=str(run_dir), files=files, extractor=preset["extractor"],
-                       reference_stats=str(ensure_reference_stats(run.config["data"], preset["extractor"])),
-                       sampler=preset.get("sampler"), sampler_options=options, batch_size=500, threads=1)
-    space = build_space(preset["space"], len(files), bound=preset["bound"], sigma=preset.get("sigma"))
-    baselines = baseline_profiles([f.step for f in files], preset["ema"], preset.get("phema", ()))
-    return {"kind": kind, "preset": preset, "spec": spec, "space": space, "baselines": baselines, "run_dir": run_dir}
+    spec = demo_scoring_spec(kind, run_dir, preset=preset, window=True, batch_size=500, threads=1)
+    space = build_space(preset["space"], len(spec.files), bound=preset["bound"], sigma=preset.get("sigma"))
+    baselines = baseline_profiles([f.step for f in spec.files], preset["ema"], preset.get("phema", ()))
+    return {"kind": kind, "preset": preset, "spec": spec, "space": space, "baselines": baselines,
+            "run_dir": spec.run_dir}
 
 
 def search(setup: dict, storage: str, *, seed: int, scheduler: str, rounds: tuple[int, ...], num_trials: int,
@@ -213,7 +204,8 @@ def main() -> None:
     parser.add_argument("--rounds", help="sample counts of the rounds before the last (default: CM 250,500,1000; "
                         "DM 125,250,500)")
     parser.add_argument("--heldout-samples", type=int, default=2000, help="samples of each held-out re-scoring")
-    parser.add_argument("--plot", default="docs/results/multi_fidelity.png", help="where the plot goes")
+    parser.add_argument("--plot", default="multi_fidelity.png",
+                        help="where the plot goes (docs/results/ holds the documented ones: name them to replace)")
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument("--calibrate", type=int, metavar="N", help="instead: score the baselines and 3N random "
                         "candidates at every round (CM rounds 125,250,500,1000) and print how well each round "

@@ -33,13 +33,12 @@ import torch
 
 from lcsc_ray.atomic import atomic_write_json
 from lcsc_ray.baseline_checkpoints import extra_baselines
-from lcsc_ray.checkpoints import discover_checkpoints, select_checkpoints
 from lcsc_ray.errors import run_cli
 from lcsc_ray.heldout import EvalPlan, cached_metrics, candidate_samples, fit_output_affine
 from lcsc_ray.profiles import baseline_profiles, run_ema_warmup
 from lcsc_ray.reference_stats import ensure_reference_stats
 from lcsc_ray.run_folder import load_run
-from lcsc_ray.scoring import ScoringSpec, cached_scorer
+from lcsc_ray.scoring import cached_scorer
 from lcsc_ray.search.candidates import decode_candidate
 from lcsc_ray.search.flags import HELDOUT_SEED_OFFSET
 from lcsc_ray.search.objective import SearchObjective
@@ -48,6 +47,8 @@ from lcsc_ray.search.report import ScoredCandidate, compare
 from lcsc_ray.search.searcher import LcscNevergradSearch
 from lcsc_ray.search.trial import evaluate_candidate
 from search_spaces import build_space, load_preset
+
+from demo_setup import demo_scoring_spec  # benchmarks/ is on sys.path: the script's own folder
 
 NOISE_SEED = 0
 COEF_PENALTY = 1.0  # λ: a unit of negative mass costs about what the CM's finalists differ by (fd_digits)
@@ -61,11 +62,8 @@ def build_setup(kind: str, run_dir: Path, threads: int, overrides: dict[str, int
     values to replace, for a quick check of the script)."""
     preset = {**load_preset(f"digits-{kind}"), **overrides}
     run = load_run(run_dir)
-    files = select_checkpoints(discover_checkpoints(run.checkpoint_dir), window=preset.get("window"))
-    sampler_options = {"nfe": preset["nfe"]} if "nfe" in preset else {}
-    spec = ScoringSpec(run_dir=str(run_dir), files=tuple(files), extractor=preset["extractor"],
-                       reference_stats=str(ensure_reference_stats(run.config["data"], preset["extractor"])),
-                       sampler=preset["sampler"], sampler_options=sampler_options, device="cpu", threads=threads)
+    spec = demo_scoring_spec(kind, run_dir, preset=preset, window=True, device="cpu", threads=threads)
+    files = list(spec.files)
     space = build_space(preset["space"], len(files), bound=preset["bound"], sigma=preset.get("sigma"))
     profiles = baseline_profiles([f.step for f in files], preset["ema"], preset.get("phema", ()),
                                  run_ema_warmup(run.config))

@@ -26,13 +26,13 @@ import torch
 from safetensors.torch import load_file
 
 import lcsc_ray.preflight as preflight_module
+from demo_setup import demo_scoring_spec
 from gpu_probe import CIFAR_UNET, write_run
 from lcsc_ray.checkpoints import discover_checkpoints
 from lcsc_ray.preflight import preflight
-from lcsc_ray.reference_stats import ReferenceStats, ensure_reference_stats, save_reference_stats
+from lcsc_ray.reference_stats import ReferenceStats, save_reference_stats
 from lcsc_ray.run_folder import load_run
 from lcsc_ray.scoring import CandidateScorer, ScoringSpec
-from lcsc_ray.training.demo import ensure_demo_run
 
 CIFAR_PRESET_SAMPLES = 5000
 
@@ -94,11 +94,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    demo = Path(args.demo_run) if args.demo_run else ensure_demo_run("cm", quiet=True)
-    demo_run = load_run(demo)
-    demo_spec = ScoringSpec(run_dir=str(demo), files=tuple(discover_checkpoints(demo_run.checkpoint_dir)),
-                            reference_stats=str(ensure_reference_stats(demo_run.config["data"], "digits")),
-                            extractor="digits", device="cpu", threads=1)
+    demo_spec = demo_scoring_spec("cm", args.demo_run, device="cpu", threads=1)
     rows = [("demo (digits CM)", len(demo_spec.files), args.demo_samples,
              *measure(demo_spec, args.demo_samples, args.repeats))]
 

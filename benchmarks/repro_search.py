@@ -19,11 +19,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from demo_setup import demo_scoring_spec  # benchmarks/ is on sys.path: the script's own folder
 from lcsc_ray.checkpoints import CheckpointFile, discover_checkpoints
 from lcsc_ray.profiles import baseline_profiles
-from lcsc_ray.reference_stats import ensure_reference_stats
 from lcsc_ray.run_folder import load_run
-from lcsc_ray.scoring import ScoringSpec, cached_scorer
+from lcsc_ray.scoring import cached_scorer
 from lcsc_ray.search.job import HELDOUT_SEED_OFFSET, run_job
 from lcsc_ray.search.optimizers import build_optimizer
 from lcsc_ray.search.searcher import LcscNevergradSearch, decode_candidate
@@ -79,12 +79,8 @@ class HeldoutScorer:
 
     def __init__(self, run_dir: Path, files: Sequence[CheckpointFile], *, kind: str, final_samples: int,
                  sampler: str, sampler_options: dict[str, Any], threads: int = 2) -> None:
-        run = load_run(run_dir)
-        preset = load_preset(f"digits-{kind}")
-        self.spec = ScoringSpec(
-            run_dir=str(run_dir), files=tuple(files), extractor=preset["extractor"],
-            reference_stats=str(ensure_reference_stats(run.config["data"], preset["extractor"])),
-            sampler=sampler, sampler_options=sampler_options, device="cpu", threads=threads)
+        self.spec = demo_scoring_spec(kind, run_dir, files=tuple(files), sampler=sampler,
+                                      sampler_options=sampler_options, device="cpu", threads=threads)
         self.scorer = cached_scorer(self.spec)  # shared with evaluate_candidate in this process
         self.final_samples = final_samples
 

@@ -12,20 +12,15 @@ matrix product at the same thread count.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lcsc_ray.checkpoints import discover_checkpoints
-from merge_bench import best_time  # benchmarks/ is on sys.path: the script's own folder
+from demo_setup import demo_scoring_spec  # benchmarks/ is on sys.path: the script's own folder
 from lcsc_ray.noise import FixedNoise
-from lcsc_ray.reference_stats import ensure_reference_stats
-from lcsc_ray.run_folder import load_run
-from lcsc_ray.scoring import CandidateScorer, ScoringSpec
-from lcsc_ray.training.demo import ensure_demo_run
-from search_spaces import load_preset
+from lcsc_ray.scoring import CandidateScorer
+from merge_bench import best_time
 
 
 def matmul_peak(threads: int, size: int = 1024, repeats: int = 10) -> float:
@@ -44,14 +39,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {args.samples} samples per measurement")
     for kind in ("cm", "dm"):
-        preset = load_preset(f"digits-{kind}")
-        run_dir = ensure_demo_run(kind)
-        run = load_run(run_dir)
-        options = {"nfe": preset["nfe"]} if "nfe" in preset else {}
-        spec = ScoringSpec(run_dir=str(run_dir), files=tuple(discover_checkpoints(run.checkpoint_dir))[-1:],
-                           extractor=preset["extractor"], device="cpu", sampler=preset.get("sampler"),
-                           sampler_options=options,
-                           reference_stats=str(ensure_reference_stats(run.config["data"], preset["extractor"])))
+        every_checkpoint = demo_scoring_spec(kind, device="cpu")
+        spec = replace(every_checkpoint, files=every_checkpoint.files[-1:])  # sampling time does not depend on K
         scorer = CandidateScorer(spec)
         noise = FixedNoise(0, scorer.image_shape)
         batch = spec.batch_size

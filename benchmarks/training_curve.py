@@ -19,29 +19,24 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
+from demo_setup import demo_scoring_spec  # benchmarks/ is on sys.path: the script's own folder
 from lcsc_ray.baseline_checkpoints import ExtraBaseline
-from lcsc_ray.checkpoints import CheckpointFile, discover_checkpoints
+from lcsc_ray.checkpoints import CheckpointFile
 from lcsc_ray.errors import run_cli
 from lcsc_ray.heldout import EvalPlan, HeldoutMetrics, candidate_samples
 from lcsc_ray.images import new_figure, save_figure
 from lcsc_ray.reference_stats import ensure_reference_stats
-from lcsc_ray.run_folder import ema_checkpoint_path, load_run
-from lcsc_ray.scoring import CandidateScorer, ScoringSpec
+from lcsc_ray.run_folder import ema_checkpoint_path
+from lcsc_ray.scoring import CandidateScorer
 from lcsc_ray.training.demo import ensure_demo_run
-from search_spaces import load_preset
 
 SEED = 12345  # neither the search noise (0) nor the held-out noise seeds
 
 
 def curve(run_dir: Path, kind: str, every: int, samples: int) -> list[dict[str, float]]:
     """Metrics of the raw checkpoint and the training EMA at every `every`-th saved step."""
-    run = load_run(run_dir)
-    preset = load_preset(f"digits-{kind}")
-    files = discover_checkpoints(run.checkpoint_dir)
-    options = {"nfe": preset["nfe"]} if "nfe" in preset else {}
-    spec = ScoringSpec(run_dir=str(run_dir), files=tuple(files), extractor="digits", device="cpu", threads=2,
-                       reference_stats=str(ensure_reference_stats("digits", "digits")), sampler=preset["sampler"],
-                       sampler_options=options, batch_size=1000)
+    spec = demo_scoring_spec(kind, run_dir, device="cpu", threads=2, batch_size=1000)
+    files = spec.files
     scorer = CandidateScorer(spec)
     metrics = HeldoutMetrics(EvalPlan(extractors=(("digits_indep", str(ensure_reference_stats("digits", "digits_indep"))),)),
                              scorer)

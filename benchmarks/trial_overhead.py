@@ -37,7 +37,6 @@ import argparse
 import os
 import tempfile
 import time
-from pathlib import Path
 
 
 import numpy as np
@@ -47,18 +46,15 @@ from ray import tune
 
 import torch
 
+from demo_setup import demo_scoring_spec  # benchmarks/ is on sys.path: the script's own folder
 from lcsc_ray import scoring as scoring_module
-from lcsc_ray.checkpoints import discover_checkpoints
 from lcsc_ray.cluster import start_ray
 from lcsc_ray.profiles import baseline_profiles
-from lcsc_ray.reference_stats import ensure_reference_stats
-from lcsc_ray.run_folder import load_run
 from lcsc_ray.evaluator import EvalResult
 from lcsc_ray.scoring import CandidateScorer, ScoringSpec, cached_scorer
 from lcsc_ray.search.candidates import INDEX_KEY, candidate_configs
 from lcsc_ray.search.trial import PENALTY_SCORE, LcscTrial
 from lcsc_ray.search.tuner import run_search
-from lcsc_ray.training.demo import ensure_demo_run
 from lcsc_ray.search.objective import SearchObjective
 from lcsc_ray.search.ray_compat import tune_actors_use_idle_workers
 from search_spaces import load_preset
@@ -424,12 +420,8 @@ def main() -> None:
                         help="also measure each pair on a Ray session started as before 2026-12-05")
     args = parser.parse_args()
 
-    run_dir = Path(args.ckpt_dir).resolve() if args.ckpt_dir else ensure_demo_run("cm")
-    run = load_run(run_dir)
-    files = tuple(discover_checkpoints(run.checkpoint_dir))
-    stats = ensure_reference_stats(run.config["data"], preset["extractor"])
-    spec = ScoringSpec(run_dir=str(run_dir), files=files, reference_stats=str(stats), extractor=preset["extractor"],
-                       batch_size=args.batch_size, threads=1)
+    spec = demo_scoring_spec("cm", args.ckpt_dir, preset=preset, batch_size=args.batch_size, threads=1)
+    run_dir, files = spec.run_dir, spec.files
     space = build_space(preset["space"], len(files), bound=preset["bound"])
     baselines = baseline_profiles([f.step for f in files], [0.99, 0.999])
     print(f"run {run_dir}: K={len(files)}, {args.fid_samples} samples per evaluation, {args.trials} candidates")
