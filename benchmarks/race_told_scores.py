@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import multi_fidelity  # benchmarks/ is on sys.path: the script's own folder
-from lcsc_ray.scoring import CandidateScorer
+from lcsc_ray.scoring import cached_scorer
 from lcsc_ray.search.candidates import candidate_index, decode_candidate
 from lcsc_ray.search.objective import SearchObjective
 from lcsc_ray.search.ray_compat import config_of_result
@@ -28,7 +28,7 @@ from lcsc_ray.search.trial import FULL_FIDELITY_KEY
 
 def main() -> None:
     setups: list[dict] = []
-    told = {"stopped trials told their full score": 0}
+    told = 0
     setup_run = multi_fidelity.setup_run
 
     def keep_setup(*args: Any, **kwargs: Any) -> dict:
@@ -36,25 +36,24 @@ def main() -> None:
         return setups[-1]
 
     tell = LcscNevergradSearch.on_trial_complete
-    scorers: dict[int, CandidateScorer] = {}
 
     def tell_full_score(self: LcscNevergradSearch, trial_id: str, result: dict | None = None,
                         error: bool = False) -> None:
+        nonlocal told
         if result and not error and self._metric in result and not result.get(FULL_FIDELITY_KEY, True):
             setup = setups[-1]
             config = config_of_result(result)
-            scorer = scorers.setdefault(id(setup), CandidateScorer(setup["spec"]))
-            full = scorer.score(setup["space"].to_coefficients(decode_candidate(config)[0]),
-                                seed=SearchObjective().seed_of(candidate_index(config)),
-                                num_samples=setup["preset"]["fid_samples"])
+            alpha = setup["space"].to_coefficients(decode_candidate(config)[0])
+            full = cached_scorer(setup["spec"]).score(alpha, seed=SearchObjective().seed_of(candidate_index(config)),
+                                                      num_samples=setup["preset"]["fid_samples"])
             result = {**result, self._metric: float(full.score)}
-            told["stopped trials told their full score"] += 1
+            told += 1
         tell(self, trial_id, result, error)
 
     multi_fidelity.setup_run = keep_setup
     LcscNevergradSearch.on_trial_complete = tell_full_score
     multi_fidelity.main()
-    print(", ".join(f"{key}: {value}" for key, value in told.items()))
+    print(f"stopped trials told their full score: {told}")
 
 
 if __name__ == "__main__":
